@@ -1,0 +1,249 @@
+"""Reading and writing the files stages pass to each other, with atomic writes.
+
+A dataset folder (``raw/``, ``train/``, ``test/``, ``generated/``) holds
+
+- ``matrix.mtx``  integer raw counts, genes x cells (10x / original bulk2sc orientation)
+- ``genes.tsv``   one gene per line; ``barcodes.tsv`` one barcode per line
+- ``clusters.csv`` columns ``partition`` (0..K-1) and ``cell_type``, one row per barcode
+- ``cells.h5ad``  the same cells x genes, raw counts in ``X``, ``obs["cell_type"]``
+
+In memory a dataset is always an AnnData of cells x genes with CSR counts (scanpy convention).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.io
+import scipy.sparse as sp
+
+from models.paths import BARCODES, CLUSTERS, GENES, H5AD, MATRIX
+from models.utils import InputError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    A crash or error leaves the old file (or none), never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_lines(path: Path, lines: Sequence[str]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+
+
+def read_lines(path: Path) -> list[str]:
+    """One entry per line; for 10x-style multi-column TSVs, the first column (gene id or name)."""
+    with open(path) as handle:
+        return [line.rstrip("\n").split("\t")[0] for line in handle if line.strip()]
+
+
+def write_table(frame: pd.DataFrame, path: Path, sep: str = ",", index: bool = True) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, sep=sep, index=index)
+
+
+# ----------------------------------------------------------------------------- counts checks
+def check_counts(matrix: sp.spmatrix | np.ndarray, source: str | Path) -> None:
+    """Raise InputError unless every stored value is a finite, non-negative integer."""
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    if values.size == 0:
+        return
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{source}: counts contain NaN or infinite values; raw integer UMI counts are expected")
+    if values.min() < 0:
+        raise InputError(f"{source}: counts contain negative values (min {values.min()}); raw integer counts are expected")
+    if np.issubdtype(values.dtype, np.floating) and not np.all(values == np.round(values)):
+        bad = values[values != np.round(values)][:3]
+        raise InputError(
+            f"{source}: counts are not integers (e.g. {', '.join(f'{v:g}' for v in bad)}); "
+            "bulk2sc models raw UMI counts, not normalised or log values"
+        )
+
+
+# ----------------------------------------------------------------------------- labels
+def type_order(names) -> list[str]:
+    """Cell-type names in code order: numeric order when all are integers (Leiden ids), else sorted."""
+    unique = pd.unique(pd.Series(list(names), dtype=str))
+    if all(name.lstrip("-").isdigit() for name in unique):
+        return sorted(unique, key=int)
+    return sorted(unique)
+
+
+def encode_labels(cell_types, order: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Return (partition codes 0..K-1, type names) for an array of cell-type names."""
+    cell_types = pd.Series(list(cell_types), dtype=str)
+    order = list(order) if order is not None else type_order(cell_types)
+    codes = pd.Categorical(cell_types, categories=order).codes.astype(np.int64)
+    if (codes < 0).any():
+        unknown = sorted(set(cell_types[codes < 0]))
+        raise InputError(f"cell types {unknown[:5]} are not among the known types {order}")
+    return codes, order
+
+
+# ----------------------------------------------------------------------------- MTX
+def write_mtx(path: Path, genes_by_cells: sp.spmatrix) -> None:
+    """Write an integer Matrix Market file (genes x cells), atomically."""
+    matrix = sp.coo_matrix(genes_by_cells)
+    if np.issubdtype(matrix.dtype, np.floating):
+        matrix = matrix.astype(np.int64)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            scipy.io.mmwrite(handle, matrix, field="integer")
+
+
+def read_mtx(path: Path) -> sp.csr_matrix:
+    """Read a Matrix Market file (plain or .gz) as CSR, exactly as stored."""
+    try:
+        return sp.csr_matrix(scipy.io.mmread(str(path)))
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"{path}: cannot read Matrix Market file ({err})") from None
+
+
+# ----------------------------------------------------------------------------- datasets
+def make_anndata(cells_by_genes: sp.spmatrix, genes: Sequence[str], barcodes: Sequence[str],
+                 cell_types=None, order: Sequence[str] | None = None):
+    """AnnData of raw counts (CSR, float32) with ``obs['cell_type']`` (categorical) and ``obs['partition']``."""
+    import anndata as ad
+
+    adata = ad.AnnData(
+        X=sp.csr_matrix(cells_by_genes, dtype=np.float32),
+        obs=pd.DataFrame(index=pd.Index(list(barcodes), dtype=str, name="barcode")),
+        var=pd.DataFrame(index=pd.Index(list(genes), dtype=str, name="gene")),
+    )
+    if cell_types is not None:
+        set_labels(adata, cell_types, order)
+    return adata
+
+
+def set_labels(adata, cell_types, order: Sequence[str] | None = None) -> None:
+    codes, order = encode_labels(cell_types, order)
+    adata.obs["cell_type"] = pd.Categorical.from_codes(codes, categories=order)
+    adata.obs["partition"] = codes
+
+
+def write_dataset(adata, folder: Path, write_h5ad: bool = True) -> None:
+    """Write a labelled AnnData as MTX + genes + barcodes + clusters.csv (+ cells.h5ad)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = sp.csr_matrix(adata.X)
+    write_mtx(folder / MATRIX, counts.T)
+    write_lines(folder / GENES, adata.var_names)
+    write_lines(folder / BARCODES, adata.obs_names)
+    clusters = pd.DataFrame({
+        "partition": adata.obs["partition"].to_numpy(),
+        "cell_type": adata.obs["cell_type"].astype(str).to_numpy(),
+    })
+    write_table(clusters, folder / CLUSTERS, index=False)
+    if write_h5ad:
+        out = adata.copy()
+        out.X = sp.csr_matrix(counts, dtype=np.int32)
+        with atomic_path(folder / H5AD) as tmp:
+            out.write_h5ad(tmp)
+
+
+def read_dataset(folder: Path, stage: str = "_1_split_train_test.py", prefer_h5ad: bool = True):
+    """Read a labelled dataset folder as AnnData (cells x genes, float32 CSR raw counts).
+
+    Uses ``cells.h5ad`` when present (fastest), else ``matrix.mtx`` + genes + barcodes +
+    ``clusters.csv``. Missing files name ``stage`` as the one to run.
+    """
+    import anndata as ad
+
+    folder = Path(folder)
+    h5ad = folder / H5AD
+    if prefer_h5ad and h5ad.exists():
+        try:
+            adata = ad.read_h5ad(h5ad)
+        except Exception as err:  # h5py raises many types for damaged files
+            raise InputError(f"{h5ad}: cannot read ({err}); rerun {stage}") from None
+        adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+        if "cell_type" not in adata.obs:
+            raise InputError(f"{h5ad}: obs['cell_type'] is missing; rerun {stage}")
+        check_counts(adata.X, h5ad)
+        order = list(adata.obs["cell_type"].cat.categories) if hasattr(adata.obs["cell_type"], "cat") else None
+        set_labels(adata, adata.obs["cell_type"].astype(str), order)
+        return adata
+
+    files = [folder / MATRIX, folder / GENES, folder / BARCODES, folder / CLUSTERS]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)}: run {stage} first")
+    genes, barcodes = read_lines(folder / GENES), read_lines(folder / BARCODES)
+    counts = read_mtx(folder / MATRIX)
+    if counts.shape != (len(genes), len(barcodes)):
+        raise InputError(
+            f"{folder / MATRIX}: shape {counts.shape} does not match {len(genes)} genes x "
+            f"{len(barcodes)} barcodes (expected genes x cells)"
+        )
+    check_counts(counts, folder / MATRIX)
+    clusters = pd.read_csv(folder / CLUSTERS)
+    if len(clusters) != len(barcodes):
+        raise InputError(f"{folder / CLUSTERS}: {len(clusters)} rows for {len(barcodes)} barcodes")
+    if "cell_type" in clusters:
+        names = clusters["cell_type"].astype(str)
+        order = _order_from_partition(clusters, folder / CLUSTERS)
+    elif "partition" in clusters:
+        names, order = clusters["partition"].astype(str), None
+    else:
+        raise InputError(f"{folder / CLUSTERS}: needs a 'partition' or 'cell_type' column")
+    return make_anndata(counts.T, genes, barcodes, names, order)
+
+
+def _order_from_partition(clusters: pd.DataFrame, source: Path) -> list[str] | None:
+    """Recover the type order from (partition, cell_type) pairs, checking they agree."""
+    if "partition" not in clusters:
+        return None
+    pairs = clusters[["partition", "cell_type"]].drop_duplicates()
+    if pairs["partition"].duplicated().any() or pairs["cell_type"].duplicated().any():
+        raise InputError(f"{source}: 'partition' and 'cell_type' do not map one to one")
+    pairs = pairs.sort_values("partition")
+    if list(pairs["partition"]) != list(range(len(pairs))):
+        return None  # not every code present (e.g. a generated subset): fall back to sorting
+    return pairs["cell_type"].astype(str).tolist()
+
+
+# ----------------------------------------------------------------------------- gene lengths
+def read_gene_lengths(path: Path) -> pd.Series:
+    """Gene symbol -> longest transcript span (end - start, bp), as TAPE's ``counts2FPKM``.
+
+    Reads TAPE's ``GeneLength.txt`` or ``gene_length_hg19.csv.gz`` (same columns), comma- or
+    tab-separated.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"missing gene-length table {path}: run _0_download_data.py first")
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        sep = "\t" if "\t" in handle.readline() else ","
+    table = pd.read_csv(path, sep=sep)
+    needed = ["Gene name", "Transcript start (bp)", "Transcript end (bp)"]
+    if not set(needed) <= set(table.columns):
+        raise InputError(f"{path}: gene-length table needs columns {needed}, found {list(table.columns)}")
+    span = table["Transcript end (bp)"] - table["Transcript start (bp)"]
+    lengths = span.groupby(table["Gene name"].astype(str)).max()
+    return lengths[lengths > 0].astype(np.float64)
