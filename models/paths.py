@@ -40,7 +40,7 @@ class Paths:
 
         # _2_prepare_sctape.py -> sctape/
         self.sctape_dir = self.data_dir / "sctape"
-        self.sctape_reference = self.sctape_dir / "reference.tsv"
+        self.sctape_reference = self.sctape_dir / "reference.txt.gz"  # TAPE reads ".txt" tables
         self.pseudobulk_counts = self.sctape_dir / "pseudobulk_counts.tsv"
         self.pseudobulk_tpm = self.sctape_dir / "pseudobulk_tpm.tsv"
         self.pseudobulk_truth = self.sctape_dir / "pseudobulk_truth.csv"
