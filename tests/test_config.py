@@ -1,0 +1,59 @@
+"""The --NAME=value constant-override helper."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from models.config import ConfigError, constants_of, load_config, parse_overrides, save_config
+
+DEFAULTS = {"EPOCHS": 10, "LR": 1e-3, "RESUME": False, "DATA_DIR": "data", "BULK": None, "DIMS": [128, 64]}
+
+
+def test_values_take_the_constant_type():
+    values = parse_overrides(DEFAULTS, ["--EPOCHS=3", "--LR=5e-4", "--RESUME=true", "--DATA_DIR=/tmp/x",
+                                        "--DIMS=[32, 16]"])
+    assert values == {"EPOCHS": 3, "LR": 5e-4, "RESUME": True, "DATA_DIR": "/tmp/x", "BULK": None, "DIMS": [32, 16]}
+    assert isinstance(values["LR"], float)
+    assert parse_overrides(DEFAULTS, ["--LR=1"])["LR"] == 1.0
+    assert parse_overrides(DEFAULTS, ["--RESUME=0"])["RESUME"] is False
+
+
+def test_optional_setting_accepts_strings_and_numbers():
+    assert parse_overrides(DEFAULTS, ["--BULK=my/bulk.tsv"])["BULK"] == "my/bulk.tsv"
+    assert parse_overrides(DEFAULTS, ["--BULK=12"])["BULK"] == 12
+
+
+def test_defaults_untouched_without_arguments():
+    assert parse_overrides(DEFAULTS, []) == DEFAULTS
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--EPOHCS=3", "unknown setting 'EPOHCS'; valid names are: BULK, DATA_DIR, DIMS, EPOCHS, LR, RESUME"),
+    ("--EPOCHS=3.5", "--EPOCHS expects an integer"),
+    ("--LR=fast", "--LR expects a number"),
+    ("--RESUME=maybe", "--RESUME expects a boolean"),
+    ("--DIMS=7", "--DIMS expects a list"),
+    ("EPOCHS=3", "use --NAME=value"),
+    ("--EPOCHS", "use --NAME=value"),
+])
+def test_bad_arguments_are_errors(arg, message):
+    with pytest.raises(ConfigError) as err:
+        parse_overrides(DEFAULTS, [arg])
+    assert message in str(err.value)
+
+
+def test_load_config_reads_module_constants_and_exits_on_typos():
+    namespace = {"EPOCHS": 5, "lowercase": 1, "helper": len, "json": json, "DATA_DIR": "data"}
+    assert constants_of(namespace) == {"EPOCHS": 5, "DATA_DIR": "data"}
+    cfg = load_config(namespace, ["--EPOCHS=7"])
+    assert cfg.EPOCHS == 7 and cfg.DATA_DIR == "data"
+    assert namespace["EPOCHS"] == 5  # the module's own constants are not mutated
+    with pytest.raises(SystemExit, match="unknown setting 'EPOCH'"):
+        load_config(namespace, ["--EPOCH=7"])
+
+
+def test_save_config_writes_json(tmp_path):
+    cfg = load_config({"EPOCHS": 5, "DATA_DIR": "data"}, ["--EPOCHS=2"])
+    save_config(cfg, tmp_path / "run" / "config.json")
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"EPOCHS": 2, "DATA_DIR": "data"}
