@@ -139,7 +139,8 @@ def main(argv=None) -> None:
 
     embedded = None
     if given is None or cfg.UMAP_FIGURE:
-        embedded = embed(adata, cfg.N_TOP_GENES, cfg.N_PCS, cfg.N_NEIGHBORS, cfg.UMAP_MIN_DIST, cfg.SEED)
+        embedded = embed(adata, cfg.N_TOP_GENES, cfg.N_PCS, cfg.N_NEIGHBORS, cfg.UMAP_MIN_DIST, cfg.SEED,
+                         umap=cfg.UMAP_FIGURE)
     if given is None:
         cell_types = leiden_clusters(embedded, cfg.LEIDEN_RESOLUTION, cfg.SEED)
         log.info("Leiden (resolution %.2f) found %d clusters", cfg.LEIDEN_RESOLUTION, cell_types.nunique())
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
     log.info("split %d cells x %d genes into train %d / test %d:\n%s",
              adata.n_obs, adata.n_vars, len(train), len(test), summary.to_string())
 
-    if cfg.UMAP_FIGURE and embedded is not None:
+    if cfg.UMAP_FIGURE:
         embedded = embedded[adata.obs_names]
         plot_umap(embedded, adata.obs["cell_type"].astype(str), paths.fig_dir / "umap_clusters.png")
 

@@ -55,8 +55,8 @@ def remove_doublets(adata, seed: int):
 
 
 def embed(adata, n_top_genes: int = 2000, n_pcs: int = 50, n_neighbors: int = 15,
-          umap_min_dist: float = 0.25, seed: int = 123):
-    """Normalised copy with PCA, neighbour graph and UMAP (the raw counts are left untouched)."""
+          umap_min_dist: float = 0.25, seed: int = 123, umap: bool = True):
+    """Normalised copy with PCA, neighbour graph and (optionally) UMAP; the raw counts are untouched."""
     import scanpy as sc
 
     work = adata.copy()
@@ -67,7 +67,8 @@ def embed(adata, n_top_genes: int = 2000, n_pcs: int = 50, n_neighbors: int = 15
     n_comps = max(2, min(n_pcs, work.n_obs - 1, int(work.var["highly_variable"].sum()) - 1))
     sc.pp.pca(work, n_comps=n_comps, mask_var="highly_variable", random_state=seed)
     sc.pp.neighbors(work, n_neighbors=min(n_neighbors, work.n_obs - 1), n_pcs=n_comps, random_state=seed)
-    sc.tl.umap(work, min_dist=umap_min_dist, random_state=seed)
+    if umap:
+        sc.tl.umap(work, min_dist=umap_min_dist, random_state=seed)
     return work
 
 
