@@ -55,6 +55,7 @@ class Paths:
         self.deconvolution_dir = self.data_dir / "deconvolution"
         self.proportions = self.deconvolution_dir / "proportions.csv"
         self.deconvolution_metrics = self.deconvolution_dir / "metrics.csv"
+        self.proportions_scatter = self.fig_dir / "proportions_scatter.png"
 
         # _5_generate_sc.py -> generated/
         self.generated_dir = self.data_dir / "generated"

@@ -1,0 +1,186 @@
+"""Stage 4: cell-type proportions of bulk RNA-seq with scTAPE, trained on the training reference.
+
+Reads:
+    DATA_DIR/sctape/reference.txt.gz     cells x genes raw counts, row index = cell-type name (_2_)
+    DATA_DIR/train/clusters.csv          cell-type names and their order (_1_)
+    DATA_DIR/raw/GeneLength.txt          gene lengths for counts -> TPM (_0_)
+    BULK                                 samples x genes or genes x samples, counts or TPM
+                                         (default: DATA_DIR/sctape/pseudobulk_tpm.tsv from _2_)
+    BULK_TRUTH                           optional samples x cell types proportions
+                                         (default with the default BULK: sctape/pseudobulk_truth.csv)
+Writes:
+    DATA_DIR/checkpoints/tape.pt               TAPE state_dict + genes + cell types + settings
+    DATA_DIR/deconvolution/proportions.csv     samples x cell types (clusters.csv names), rows sum to 1
+    DATA_DIR/deconvolution/metrics.csv         with truth: MAE, RMSE, Pearson r, Lin's CCC, overall + per sample
+    DATA_DIR/deconvolution/config.json         the settings of this run
+    FIG_DIR/proportions_scatter.png            with truth: predicted vs true, MAE in the title
+
+Run:
+    python _4_deconvolve_bulk.py                                   # train, then deconvolve _2_'s pseudo-bulks
+    python _4_deconvolve_bulk.py --RETRAIN=false --BULK=my_bulk.tsv --BULK_UNIT=counts
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from models import deconvolution as tape
+from models import io
+from models.config import load_config, save_config
+from models.metrics import proportion_metrics
+from models.paths import CLUSTERS, Paths, resolve
+from models.utils import InputError, peak_rss_mb, require_files, run_stage, set_seed, set_torch_threads, setup_logging
+
+log = logging.getLogger("bulk2sc.deconvolve")
+
+# -----------------------------------------------------------------------------
+DATA_DIR = "data"  # root of every stage's inputs and outputs; relative paths are from the repo root
+FIG_DIR = "fig"  # proportions_scatter.png goes here
+SEED = 0  # seeds TAPE's simulation (numpy) and training (torch); same seed, same model
+RETRAIN = True  # false: predict with checkpoints/tape.pt, no training
+BULK = ""  # bulk table (CSV/TSV, optionally .gz, either orientation); "" = _2_'s pseudo-bulks
+BULK_UNIT = "TPM"  # "counts" (converted to TPM with GeneLength.txt) or "TPM"; TAPE needs TPM
+BULK_TRUTH = ""  # samples x cell types proportions to score against; "" = _2_'s truth with the default BULK
+MIN_SHARED_GENES = 1000  # fewer bulk genes shared with the reference than this is an error
+SAMPLENUM = 4000  # simulated training bulks; the original used 15,000 (see README timing table)
+N_CELLS = 500  # cells per simulated bulk (TAPE's n); TAPE's default
+EPOCHS = 128  # TAPE's default; the original used 640 (1.7 h at lung scale, one thread)
+BATCH_SIZE = 128  # TAPE's default; lr is fixed at 1e-4 inside TAPE, so larger batches learn slower
+VARIANCE_THRESHOLD = 0.98  # TAPE keeps genes above the 98th-from-top variance rank (drops the lowest 2%)
+ADAPTIVE = True  # TAPE's adaptive stage (300 x 3 steps on the bulk itself) before predicting
+SPARSE = True  # TAPE's default: half the simulated samples lack half the cell types
+TORCH_THREADS = 0  # 0 = one per core; TAPE's speed scales with threads on 2 cores
+# -----------------------------------------------------------------------------
+
+
+def read_type_order(path) -> list[str]:
+    """Cell-type names in code order (``partition``) from a clusters.csv."""
+    require_files([path], "_1_split_train_test.py")
+    clusters = pd.read_csv(path)
+    if "cell_type" not in clusters:
+        if "partition" not in clusters:
+            raise InputError(f"{path}: needs a 'cell_type' or 'partition' column")
+        return io.type_order(clusters["partition"].astype(str))
+    if "partition" not in clusters:
+        return io.type_order(clusters["cell_type"].astype(str))
+    pairs = clusters[["partition", "cell_type"]].drop_duplicates().sort_values("partition")
+    if pairs["partition"].duplicated().any() or pairs["cell_type"].duplicated().any():
+        raise InputError(f"{path}: 'partition' and 'cell_type' do not map one to one")
+    return pairs["cell_type"].astype(str).tolist()
+
+
+def read_reference(path) -> pd.DataFrame:
+    """TAPE's reference table: cells x genes counts (float32), index = cell-type name."""
+    reference = pd.read_csv(path, sep="\t", index_col=0)
+    reference.index = reference.index.astype(str)
+    reference.columns = reference.columns.astype(str)
+    io.check_counts(reference.to_numpy(), path)
+    return reference.astype(np.float32)
+
+
+def order_like(pred: pd.DataFrame, type_names: list[str], source: str) -> pd.DataFrame:
+    """Predicted proportions in clusters.csv's type order; the two sets of names must agree."""
+    if set(pred.columns) != set(type_names):
+        raise InputError(
+            f"{source} has cell types {sorted(pred.columns)} but clusters.csv has {sorted(type_names)}; "
+            "rerun _2_prepare_sctape.py (and retrain with --RETRAIN=true)")
+    return pred[type_names]
+
+
+def scatter_figure(pred: pd.DataFrame, truth: pd.DataFrame, mae: float, path) -> None:
+    """Predicted vs true proportion per (sample, type), one colour per type, y = x line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    for name in truth.columns:
+        ax.scatter(truth[name], pred.loc[truth.index, name], s=14, alpha=0.8, label=name)
+    top = float(max(truth.to_numpy().max(), pred.to_numpy().max(), 1e-3)) * 1.05
+    ax.plot([0, top], [0, top], color="grey", lw=1, ls="--")
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel="true proportion", ylabel="predicted proportion (TAPE)",
+           title=f"MAE = {mae:.4f} ({len(truth)} samples x {truth.shape[1]} types)")
+    if truth.shape[1] <= 20:
+        ax.legend(fontsize=6, markerscale=0.8, loc="upper left", frameon=False)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+def main(argv=None) -> pd.DataFrame:
+    cfg = load_config(globals(), argv)
+    setup_logging()
+    paths = Paths(cfg.DATA_DIR, cfg.FIG_DIR)
+    set_seed(cfg.SEED)
+    n_threads = set_torch_threads(cfg.TORCH_THREADS)
+    log.info("torch threads: %d", n_threads)
+
+    default_bulk = not cfg.BULK
+    bulk_path = paths.pseudobulk_tpm if default_bulk else resolve(cfg.BULK)
+    truth_path = resolve(cfg.BULK_TRUTH) if cfg.BULK_TRUTH else (paths.pseudobulk_truth if default_bulk else None)
+    require_files([paths.train_dir / CLUSTERS], "_1_split_train_test.py")
+    require_files([paths.gene_length], "_0_download_data.py")
+    if default_bulk:
+        require_files([bulk_path], "_2_prepare_sctape.py")
+    type_names = read_type_order(paths.train_dir / CLUSTERS)
+    gene_lengths = io.read_gene_lengths(paths.gene_length)
+
+    if cfg.RETRAIN:
+        require_files([paths.sctape_reference], "_2_prepare_sctape.py")
+        reference = read_reference(paths.sctape_reference)
+        log.info("reference %s: %d cells x %d genes, %d types", paths.sctape_reference,
+                 reference.shape[0], reference.shape[1], reference.index.nunique())
+        reference_genes = reference.columns
+    else:
+        ckpt = tape.load_checkpoint(paths.tape_checkpoint)
+        reference_genes = ckpt["genes"]
+        log.info("loaded %s (%d genes, %d cell types)", paths.tape_checkpoint, len(ckpt["genes"]),
+                 len(ckpt["cell_types"]))
+
+    bulk_tpm, _ = tape.prepare_bulk(tape.read_table(bulk_path), cfg.BULK_UNIT, reference_genes, gene_lengths,
+                                    cfg.MIN_SHARED_GENES, str(bulk_path))
+
+    model = None
+    if cfg.RETRAIN:
+        if set(reference.index) != set(type_names):
+            raise InputError(f"{paths.sctape_reference} has cell types {sorted(set(reference.index))} but "
+                             f"{paths.train_dir / CLUSTERS} has {sorted(type_names)}: rerun _2_prepare_sctape.py")
+        settings = tape.TapeSettings(
+            samplenum=cfg.SAMPLENUM, n_cells=cfg.N_CELLS, epochs=cfg.EPOCHS, batch_size=cfg.BATCH_SIZE,
+            variance_threshold=cfg.VARIANCE_THRESHOLD, adaptive=cfg.ADAPTIVE, sparse=cfg.SPARSE, seed=cfg.SEED)
+        fit = tape.fit_tape(reference, bulk_tpm, gene_lengths, settings, paths.checkpoints_dir, n_threads)
+        del reference
+        tape.save_checkpoint(fit, paths.tape_checkpoint)
+        log.info("wrote %s (%d genes)", paths.tape_checkpoint, len(fit.genes))
+        ckpt, model = tape.checkpoint_dict(fit), fit.model
+
+    pred = tape.predict_proportions(ckpt, bulk_tpm, adaptive=cfg.ADAPTIVE, min_shared_genes=cfg.MIN_SHARED_GENES,
+                                    source=str(bulk_path), n_threads=n_threads,
+                                    workdir=paths.deconvolution_dir, model=model)
+    pred = order_like(pred, type_names, str(paths.tape_checkpoint))
+    pred.index.name = "sample"
+    io.write_table(pred, paths.proportions)
+    log.info("wrote %s (%d samples x %d cell types)", paths.proportions, *pred.shape)
+
+    if truth_path is not None:
+        require_files([truth_path], "_2_prepare_sctape.py" if default_bulk else "(BULK_TRUTH)")
+        truth = tape.read_table(truth_path)
+        truth.index, truth.columns = truth.index.astype(str), truth.columns.astype(str)
+        try:
+            metrics = proportion_metrics(pred, truth)
+        except ValueError as err:
+            raise InputError(f"{truth_path}: {err}") from None
+        io.write_table(metrics, paths.deconvolution_metrics)
+        overall = metrics.loc["overall"]
+        log.info("against %s: MAE %.4f, RMSE %.4f, r %.3f, CCC %.3f", truth_path, overall["mae"],
+                 overall["rmse"], overall["pearson_r"], overall["ccc"])
+        scatter_figure(pred, truth.loc[[s for s in truth.index if s in pred.index]], overall["mae"],
+                       paths.proportions_scatter)
+    save_config(cfg, paths.deconvolution_dir / "config.json")
+    log.info("peak RSS %.0f MB", peak_rss_mb())
+    return pred
+
+
+if __name__ == "__main__":
+    run_stage(main)

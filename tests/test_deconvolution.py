@@ -1,0 +1,285 @@
+"""models/deconvolution.py and _4_deconvolve_bulk.py on tiny simulated data (seconds, no network)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import _4_deconvolve_bulk as stage4
+from models import deconvolution as tape
+from models import io
+from models.bulk import counts_to_tpm, sample_pseudobulks
+from models.paths import Paths
+from models.utils import InputError
+
+TINY = tape.TapeSettings(samplenum=60, n_cells=60, epochs=2, batch_size=16, adaptive=False, seed=1)
+
+
+# ----------------------------------------------------------------------------- fixtures
+def write_sctape_inputs(root, n_samples: int = 4, seed: int = 7) -> None:
+    """What _2_prepare_sctape.py leaves in DATA_DIR/sctape, built from train/ and test/."""
+    paths = Paths(root)
+    train, test = io.read_dataset(paths.train_dir), io.read_dataset(paths.test_dir)
+    paths.sctape_dir.mkdir(parents=True, exist_ok=True)
+    reference = pd.DataFrame(train.X.toarray().astype(np.int64), index=train.obs["cell_type"].astype(str).to_numpy(),
+                             columns=train.var_names)
+    reference.to_csv(paths.sctape_reference, sep="\t")
+    names = list(train.obs["cell_type"].cat.categories)
+    sums, truth, _ = sample_pseudobulks(test.X, test.obs["partition"].to_numpy(), names, n_samples, seed)
+    counts = pd.DataFrame(sums, index=truth.index, columns=test.var_names)
+    tpm, _ = counts_to_tpm(counts, io.read_gene_lengths(paths.gene_length))
+    counts.to_csv(paths.pseudobulk_counts, sep="\t")
+    tpm.to_csv(paths.pseudobulk_tpm, sep="\t")
+    truth.to_csv(paths.pseudobulk_truth)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_split_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage4") / "data"
+    shutil.copytree(tiny_split_dir, root)
+    write_sctape_inputs(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def inputs(data_dir):
+    paths = Paths(data_dir)
+    reference = stage4.read_reference(paths.sctape_reference)
+    lengths = io.read_gene_lengths(paths.gene_length)
+    bulk = pd.read_csv(paths.pseudobulk_tpm, sep="\t", index_col=0)
+    counts = pd.read_csv(paths.pseudobulk_counts, sep="\t", index_col=0)
+    return reference, lengths, bulk, counts
+
+
+@pytest.fixture(scope="module")
+def fitted(inputs, tmp_path_factory):
+    reference, lengths, bulk, _ = inputs
+    simulated = tape.simulate_bulks(reference, TINY, tmp_path_factory.mktemp("sim"))
+    fit = tape.fit_tape(reference, bulk, lengths, TINY, tmp_path_factory.mktemp("fit"), n_threads=1,
+                        simulated=simulated.copy())
+    return fit, simulated
+
+
+# ----------------------------------------------------------------------------- bulk input
+def test_orientation_is_detected_and_logged(inputs, caplog):
+    reference, lengths, _, counts = inputs
+    caplog.set_level(logging.INFO)
+    straight, report = tape.prepare_bulk(counts, "counts", reference.columns, lengths, 50, "bulk.tsv")
+    flipped, flipped_report = tape.prepare_bulk(counts.T, "counts", reference.columns, lengths, 50, "bulkT.tsv")
+    assert report.orientation == "samples x genes"
+    assert flipped_report.orientation.startswith("genes x samples")
+    pd.testing.assert_frame_equal(straight, flipped)
+    assert "bulkT.tsv" in caplog.text and "transposed" in caplog.text
+
+
+def test_counts_unit_is_converted_to_tpm_and_tpm_passes_through(inputs, caplog):
+    reference, lengths, tpm_file, counts = inputs
+    tpm, report = tape.prepare_bulk(counts, "counts", reference.columns, lengths, 50, "bulk.tsv")
+    expected, _ = counts_to_tpm(counts, lengths)
+    pd.testing.assert_frame_equal(tpm, expected)
+    assert np.allclose(tpm.sum(axis=1), 1e6)
+    assert "GENE0" not in tpm.columns  # no gene length for it in the fixture table
+    same, _ = tape.prepare_bulk(tpm_file, "TPM", reference.columns, lengths, 50, "tpm.tsv")
+    pd.testing.assert_frame_equal(same, tpm_file.astype(np.float64))
+    caplog.set_level(logging.WARNING)
+    tape.prepare_bulk(counts, "TPM", reference.columns, lengths, 50, "counts_as_tpm.tsv")
+    assert "--BULK_UNIT=counts" in caplog.text
+    with pytest.raises(InputError, match="BULK_UNIT"):
+        tape.prepare_bulk(counts, "FPKM", reference.columns, lengths, 50, "bulk.tsv")
+
+
+def test_gene_intersection_report(inputs, caplog):
+    reference, lengths, _, counts = inputs
+    partial = counts.iloc[:, 10:].copy()
+    partial["NOT_A_GENE"] = 3
+    caplog.set_level(logging.INFO)
+    _, report = tape.prepare_bulk(partial, "counts", reference.columns, lengths, 50, "partial.tsv")
+    assert report.n_genes == counts.shape[1] - 10 + 1
+    assert report.n_shared_reference == counts.shape[1] - 10
+    assert report.n_shared_lengths == counts.shape[1] - 10  # GENE0 (no length) was cut with the first 10
+    assert f"{report.n_shared_reference:,} genes shared with the reference" in caplog.text
+
+
+def test_bad_inputs_raise_errors_naming_the_file(inputs, caplog):
+    reference, lengths, _, counts = inputs
+    args = (reference.columns, lengths, 50, "my_bulk.tsv")
+    with_nan = counts.astype(float)
+    with_nan.iloc[0, 3] = np.nan
+    with pytest.raises(InputError, match="my_bulk.tsv: NaN"):
+        tape.prepare_bulk(with_nan, "counts", *args)
+    negative = counts.copy()
+    negative.iloc[1, 2] = -4
+    with pytest.raises(InputError, match="my_bulk.tsv: negative"):
+        tape.prepare_bulk(negative, "counts", *args)
+    with pytest.raises(InputError, match="my_bulk.tsv: only 20 genes shared"):
+        tape.prepare_bulk(counts.iloc[:, :20], "counts", *args)
+    renamed = counts.rename(columns=lambda g: "ENSG_" + g)
+    with pytest.raises(InputError, match="only 0 genes shared"):
+        tape.prepare_bulk(renamed, "counts", *args)
+    same_samples = counts.rename(index=lambda s: "one")
+    with pytest.raises(InputError, match="duplicated sample names"):
+        tape.prepare_bulk(same_samples, "counts", *args)
+    text = counts.astype(object)
+    text.iloc[0, 5] = "n/a"
+    with pytest.raises(InputError, match="non-numeric"):
+        tape.prepare_bulk(text, "counts", *args)
+
+
+def test_duplicated_genes_are_summed_with_a_warning(inputs, caplog):
+    reference, lengths, _, counts = inputs
+    doubled = pd.concat([counts, counts[["GENE3"]]], axis=1)
+    caplog.set_level(logging.WARNING)
+    checked = tape.check_bulk_values(doubled, "dup.tsv")
+    assert "dup.tsv: 1 gene names occur more than once" in caplog.text
+    assert list(checked.columns) == list(counts.columns)
+    np.testing.assert_allclose(checked["GENE3"], 2 * counts["GENE3"])
+
+
+def test_read_table_sniffs_separator(tmp_path, inputs):
+    counts = inputs[3]
+    counts.to_csv(tmp_path / "b.csv")
+    counts.T.to_csv(tmp_path / "b.tsv.gz", sep="\t")
+    pd.testing.assert_frame_equal(tape.read_table(tmp_path / "b.csv"), counts)
+    assert tape.read_table(tmp_path / "b.tsv.gz").shape == counts.T.shape
+    with pytest.raises(InputError, match="missing bulk table"):
+        tape.read_table(tmp_path / "absent.tsv")
+
+
+# ----------------------------------------------------------------------------- preprocessing = TAPE's
+@pytest.mark.filterwarnings("ignore:Series.__getitem__ treating keys as positions:FutureWarning")
+def test_preprocessing_matches_tape_process_input_data(fitted, inputs, data_dir, tmp_path):
+    fit, simulated = fitted
+    bulk = inputs[2]
+    TAPE = tape.import_tape()
+    with tape.tape_sandbox(tmp_path):  # GeneLength.txt of the fixture is comma-separated, as TAPE reads it
+        train_x, train_y, test_x, genes, celltypes, _ = TAPE.utils.ProcessInputData(
+            simulated.copy(), bulk.copy(), datatype="TPM", genelenfile=str(Paths(data_dir).gene_length),
+            variance_threshold=0.98, scaler="mms")
+    assert genes == fit.genes
+    assert list(celltypes) == fit.cell_types
+    np.testing.assert_array_equal(tape.scale_samples(bulk, fit.genes), test_x.astype(np.float32))
+
+
+def test_single_bulk_sample_keeps_genes(fitted, inputs):
+    _, lengths, bulk, _ = inputs
+    genes = tape.select_genes(bulk, bulk.iloc[:1], 0.98)
+    assert len(genes) > 0.9 * bulk.shape[1]  # TAPE's own filter would keep none (variance of one sample is NaN)
+
+
+# ----------------------------------------------------------------------------- equivalence and checkpoint
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.filterwarnings("ignore:Series.__getitem__ treating keys as positions:FutureWarning")
+def test_fit_and_predict_equal_tape_deconvolution(fitted, inputs, data_dir, tmp_path, monkeypatch, adaptive):
+    """Same simulated data, seed and settings: our route gives TAPE.Deconvolution's proportions."""
+    fit, simulated = fitted
+    bulk = inputs[2]
+    genelen = Paths(data_dir).gene_length
+    TAPE = tape.import_tape()
+    # TAPE's 300 x 3 adaptive steps take ~10 s even here; both routes call this one function.
+    full_adaptive_stage = TAPE.train.adaptive_stage
+    monkeypatch.setattr(TAPE.train, "adaptive_stage", lambda model, data, opt_d, opt_e, step, max_iter:
+                        full_adaptive_stage(model, data, opt_d, opt_e, step=15, max_iter=2))
+    with tape.tape_sandbox(tmp_path, n_threads=1) as scratch:
+        _, theirs = TAPE.Deconvolution(simulated.copy(), bulk.copy(), datatype="TPM", genelenfile=str(genelen),
+                                       scaler="mms", mode="overall", adaptive=adaptive, batch_size=TINY.batch_size,
+                                       epochs=TINY.epochs, seed=TINY.seed, save_model_name=str(scratch / "m"))
+    ours = tape.predict_proportions(tape.checkpoint_dict(fit), bulk, adaptive=adaptive, n_threads=1,
+                                    workdir=tmp_path)
+    theirs = theirs / theirs.to_numpy().sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(ours.to_numpy(), theirs[ours.columns].to_numpy(), atol=2e-6)
+
+
+def test_checkpoint_reloads_with_weights_only_and_predicts_the_same(fitted, inputs, tmp_path):
+    fit, _ = fitted
+    bulk = inputs[2]
+    path = tmp_path / "tape.pt"
+    tape.save_checkpoint(fit, path)
+    raw = torch.load(path, weights_only=True)  # would raise on any pickled class
+    assert raw["genes"] == fit.genes and raw["cell_types"] == ["alpha", "beta", "gamma"]
+    assert raw["settings"]["samplenum"] == TINY.samplenum
+    ckpt = tape.load_checkpoint(path)
+    direct = tape.predict_proportions(tape.checkpoint_dict(fit), bulk, adaptive=False, model=fit.model)
+    reloaded = tape.predict_proportions(ckpt, bulk, adaptive=False)
+    np.testing.assert_allclose(reloaded.to_numpy(), direct.to_numpy(), atol=1e-7)
+    np.testing.assert_allclose(reloaded.sum(axis=1), 1.0, atol=1e-6)
+    # TAPE's own predict() on the reloaded weights (it writes model.pth into the cwd: sandboxed).
+    TAPE = tape.import_tape()
+    x = tape.scale_samples(bulk, ckpt["genes"])
+    with tape.tape_sandbox(tmp_path):
+        theirs = TAPE.train.predict(x, ckpt["genes"], ckpt["cell_types"], bulk.index,
+                                    model=tape.model_from_checkpoint(ckpt), adaptive=False)
+    np.testing.assert_allclose(reloaded.to_numpy(), theirs.to_numpy(), atol=1e-6)
+    # Genes missing from a new bulk are zero-filled with a warning, too few is an error.
+    with pytest.raises(InputError, match="retrain"):
+        tape.predict_proportions(ckpt, bulk.iloc[:, :5], min_shared_genes=50, source="new.tsv")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="junk.pt"):
+        tape.load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_sandbox_restores_globals_and_leaves_cwd_clean(tmp_path, monkeypatch):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    monkeypatch.chdir(tmp_path)
+    filters = list(warnings.filters)
+    rc = dict(matplotlib.rcParams)
+    threads = torch.get_num_threads()
+    TAPE = tape.import_tape()
+    assert list(warnings.filters) == filters  # TAPE.model's filterwarnings("ignore") undone
+    with tape.tape_sandbox(tmp_path / "work", n_threads=1):
+        assert torch.get_num_threads() == 1
+        TAPE.utils.showloss([3.0, 2.0, 1.0])  # sns.set() + an unclosed figure
+        torch.save({"a": 1}, "model.pth")
+    assert list(warnings.filters) == filters
+    assert dict(matplotlib.rcParams) == rc
+    assert plt.get_fignums() == []
+    assert torch.get_num_threads() == threads
+    assert os.listdir(tmp_path) == ["work"] and os.listdir(tmp_path / "work") == []
+
+
+# ----------------------------------------------------------------------------- the stage script
+TINY_ARGS = ["--SAMPLENUM=60", "--N_CELLS=60", "--EPOCHS=2", "--BATCH_SIZE=16", "--MIN_SHARED_GENES=50",
+             "--ADAPTIVE=false", "--TORCH_THREADS=1"]
+
+
+def test_stage4_end_to_end_then_predict_from_checkpoint(data_dir, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    fig = tmp_path / "fig"
+    pred = stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={fig}", *TINY_ARGS])
+    paths = Paths(root, fig)
+    written = pd.read_csv(paths.proportions, index_col=0)
+    assert list(written.columns) == ["alpha", "beta", "gamma"]
+    assert written.index.name == "sample" and len(written) == 4
+    np.testing.assert_allclose(written.sum(axis=1), 1.0, atol=1e-6)
+    metrics = pd.read_csv(paths.deconvolution_metrics, index_col=0)
+    assert list(metrics.index) == ["overall", *written.index]
+    assert 0.0 <= metrics.loc["overall", "mae"] < 0.5
+    assert paths.proportions_scatter.stat().st_size > 1000
+    assert torch.load(paths.tape_checkpoint, weights_only=True)["cell_types"] == ["alpha", "beta", "gamma"]
+    assert not list(paths.checkpoints_dir.glob(".tape_*")) and not list(paths.checkpoints_dir.glob("*.pth"))
+
+    # RETRAIN=false on a user's counts file, genes x samples, one sample, no truth.
+    counts = pd.read_csv(paths.pseudobulk_counts, sep="\t", index_col=0)
+    user = tmp_path / "user_bulk.csv"
+    counts.iloc[[2]].T.to_csv(user)
+    again = stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={fig}", "--RETRAIN=false", f"--BULK={user}",
+                         "--BULK_UNIT=counts", *TINY_ARGS])
+    np.testing.assert_allclose(again.to_numpy(), pred.iloc[[2]].to_numpy(), atol=1e-6)
+
+
+def test_stage4_missing_inputs_name_the_stage(tiny_split_dir, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_split_dir, root)
+    with pytest.raises(InputError, match="_2_prepare_sctape.py"):
+        stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path}", *TINY_ARGS])
+    with pytest.raises(InputError, match="tape.pt"):
+        write_sctape_inputs(root)
+        stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path}", "--RETRAIN=false", *TINY_ARGS])
