@@ -1,0 +1,249 @@
+"""Stage 5: synthetic single cells from bulk, scored against the held-out real test cells.
+
+How many cells of each type: ``N_CELLS`` x each bulk sample's proportions (largest-remainder
+rounding, so they sum exactly to ``N_CELLS``), or an explicit ``CELL_COUNTS`` table. Each cell
+draws z ~ p(z | type) (sd scaled by ``NOISE_SCALE``) and counts from the GMVAE decoder's
+(ZI)NB, in seeded RNG blocks, so the same ``SEED`` gives identical files for any
+``CHUNK_CELLS``. Chunks are written as they are drawn: a million cells run in bounded memory.
+
+Reads:
+    DATA_DIR/checkpoints/gmvae.pt              trained GMVAE, genes and cell types (_3_)
+    DATA_DIR/deconvolution/proportions.csv     samples x cell types, first column = sample (_4_)
+    CELL_COUNTS                                optional cell_type,n_cells CSV (skips proportions)
+    DATA_DIR/test/, DATA_DIR/train/            held-out cells to score against; training cells
+                                               for the NB baseline (_1_), when present
+Writes (DATA_DIR/generated/, or generated/<sample>/ per bulk sample when there are several):
+    matrix.mtx        integer counts, genes x cells (Matrix Market)
+    clusters.csv      partition, cell_type per generated cell
+    genes.tsv, barcodes.tsv
+    cells.h5ad        X = sparse int32 counts, obs cell_type / partition / sample, var_names = genes
+    metrics.json      when DATA_DIR/test exists: GMVAE, NB baseline and real-vs-real metrics
+    config.json       the settings of this run (generated/)
+    FIG_DIR/generated_proportions.png, generated_umap.png, generated_gene_correlation.png
+                      (suffixed _<sample> when there are several samples)
+
+Run:
+    python _5_generate_sc.py
+    python _5_generate_sc.py --CELL_COUNTS=counts.csv --SEED=7 --NOISE_SCALE=0.8
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models import evaluation, generate, plots
+from models.baseline import fit_nb_per_type
+from models.config import load_config, save_config
+from models.io import atomic_path, encode_labels, read_dataset
+from models.metrics import proportion_metrics
+from models.paths import Paths, resolve
+from models.train import load_gmvae
+from models.utils import (InputError, bound_heap_fragmentation, get_device, peak_rss_mb, run_stage, set_seed,
+                          set_torch_threads, setup_logging)
+
+log = logging.getLogger("bulk2sc.generate")
+
+# -----------------------------------------------------------------------------
+DATA_DIR = "data"  # root of every stage's inputs and outputs; relative paths are from the repo root
+FIG_DIR = "fig"  # generated_*.png go here
+SEED = 0  # one seed for every draw: the same seed gives byte-identical output files
+N_CELLS = None  # cells per bulk sample; None = as many as DATA_DIR/test holds (the original's choice)
+CELL_COUNTS = ""  # CSV with cell_type,n_cells: generate exactly these, skipping the proportions
+NOISE_SCALE = 1.0  # scales the prior sd of z (the original's `factor`); < 1 gives more typical cells
+CHUNK_CELLS = 8192  # cells drawn and written per step: bounds memory (~CHUNK_CELLS x genes floats)
+DEVICE = "cpu"  # "auto" uses CUDA when present; the draws are cheap, CPU is the portable default
+TORCH_THREADS = 0  # 0 = one per core
+EVALUATE = True  # score against DATA_DIR/test (and the NB baseline) when the test split exists
+EVAL_MAX_CELLS = 20000  # generated cells kept in memory for the metrics (a seeded subset beyond)
+N_TOP_GENES = 2000  # top variable genes (of the real test cells) for PCA, classifier and UMAP
+N_PCS = 30  # principal components for the classifier, MMD and UMAP
+N_CORR_GENES = 100  # top variable genes in the gene-gene correlation comparison and heatmaps
+FIGURES = True  # write the figures
+UMAP = True  # false: the overlay uses the first two PCs instead (skips umap-learn's ~30 s JIT compile)
+# -----------------------------------------------------------------------------
+
+BASELINE_STREAM = 1_000_000  # RNG streams of the NB baseline: apart from the GMVAE's (one per sample)
+
+
+def safe_name(name: str) -> str:
+    """A sample name usable as a folder name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "sample"
+
+
+def check_genes(model_genes: list[str], data_genes, source: Path) -> None:
+    """The test/train genes must be the checkpoint's, in the same order."""
+    data_genes = [str(g) for g in data_genes]
+    if data_genes == model_genes:
+        return
+    only_model = [g for g in model_genes if g not in set(data_genes)]
+    only_data = [g for g in data_genes if g not in set(model_genes)]
+    detail = (f"{len(model_genes)} genes in the checkpoint, {len(data_genes)} in {source}; "
+              f"only in the checkpoint: {only_model[:3]}, only in the data: {only_data[:3]}")
+    if not only_model and not only_data:
+        detail += " (same genes, different order)"
+    raise InputError(f"the GMVAE checkpoint's genes differ from {source}'s ({detail}): "
+                     "retrain with _3_train_gmvae.py on this DATA_DIR, or point DATA_DIR at the split it was trained on")
+
+
+def cell_counts_table(cfg, paths: Paths, cell_types: list[str], test) -> pd.DataFrame:
+    """Samples x cell types integer counts to generate."""
+    if cfg.CELL_COUNTS:
+        counts = generate.read_cell_counts(resolve(cfg.CELL_COUNTS), cell_types)
+        if cfg.N_CELLS is not None:
+            log.info("CELL_COUNTS given: N_CELLS=%s is ignored", cfg.N_CELLS)
+        return counts.to_frame(Path(cfg.CELL_COUNTS).stem).T
+    proportions = generate.read_proportions(paths.proportions, cell_types)
+    n_cells = cfg.N_CELLS
+    if n_cells is None:
+        if test is None:
+            raise InputError(f"N_CELLS is not set and {paths.test_dir} is missing: pass --N_CELLS=<number> "
+                             "or run _1_split_train_test.py")
+        n_cells = test.n_obs
+    if not isinstance(n_cells, (int, np.integer)) or isinstance(n_cells, bool):
+        raise InputError(f"N_CELLS must be a whole number of cells, got {n_cells!r}")
+    return generate.cell_counts_from_proportions(proportions, int(n_cells))
+
+
+def nb_baseline(paths: Paths, genes: list[str], cell_types: list[str]):
+    """The per-type, per-gene NB fitted by moments on the training cells, or None without them."""
+    try:
+        train = read_dataset(paths.train_dir, stage="_1_split_train_test.py")
+    except InputError as err:
+        log.warning("no NB baseline: %s", err)
+        return None
+    check_genes(genes, train.var_names, paths.train_dir)
+    codes, _ = encode_labels(train.obs["cell_type"].astype(str), cell_types)
+    mu, theta = fit_nb_per_type(train.X, codes, len(cell_types), method="moments")
+    return generate.NBBaselineSampler(torch.as_tensor(mu, dtype=torch.float32),
+                                      torch.as_tensor(theta, dtype=torch.float32))
+
+
+def score_sample(cfg, test, test_types, codes, kept, baseline, cell_types, stream, exact_mae) -> dict:
+    """Metrics of the GMVAE cells (and the NB baseline's, same type counts) against the test cells."""
+    settings = dict(seed=cfg.SEED, n_top_genes=cfg.N_TOP_GENES, n_comps=cfg.N_PCS, n_corr_genes=cfg.N_CORR_GENES)
+    generated_types = np.asarray(cell_types)[codes]
+    result = {"gmvae": evaluation.evaluate(test.X, test_types, kept, generated_types, cell_types, **settings)}
+    result["gmvae"]["proportion_mae"] = exact_mae
+    baseline_counts = None
+    if baseline is not None:
+        baseline_counts = generate.sample_in_memory(baseline, codes, cfg.SEED, stream=BASELINE_STREAM + stream)
+        result["nb_baseline"] = evaluation.evaluate(test.X, test_types, baseline_counts, generated_types,
+                                                    cell_types, **settings)
+        result["nb_baseline"]["proportion_mae"] = exact_mae
+    return result, baseline_counts
+
+
+def draw_figures(cfg, paths: Paths, suffix: str, test, test_types, kept, generated_types, baseline_counts,
+                 cell_types) -> None:
+    """UMAP overlay and gene-gene correlation heatmaps of one sample's cells against the test cells."""
+    counts = {"real (test)": test.X, "GMVAE": kept}
+    embedding = plots.umap_embedding(counts, n_top_genes=cfg.N_TOP_GENES, n_comps=cfg.N_PCS, seed=cfg.SEED,
+                                     method="umap" if cfg.UMAP else "pca")
+    path = plots.plot_umap(embedding, {"real (test)": test_types, "GMVAE": generated_types},
+                           paths.fig_dir / f"generated_umap{suffix}.png", type_order=cell_types,
+                           axis_name="UMAP" if cfg.UMAP else "PC")
+    log.info("wrote %s", path)
+    real_normed = evaluation.log_normalize(test.X)
+    genes = evaluation.top_variable_genes(real_normed, cfg.N_CORR_GENES)
+    corr = {"real (test)": evaluation.gene_correlation(real_normed[:, genes]),
+            "GMVAE": evaluation.gene_correlation(evaluation.log_normalize(kept)[:, genes])}
+    if baseline_counts is not None:
+        corr["NB baseline"] = evaluation.gene_correlation(evaluation.log_normalize(baseline_counts)[:, genes])
+    path = plots.plot_correlation_heatmaps(corr, paths.fig_dir / f"generated_gene_correlation{suffix}.png",
+                                           genes=np.asarray(test.var_names)[genes])
+    log.info("wrote %s", path)
+
+
+def write_json(payload: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+
+
+def log_summary(name: str, metrics: dict) -> None:
+    keys = ["proportion_mae", "per_type_mean_r_median", "auroc", "mmd", "ks_library_size", "ks_zero_fraction",
+            "gene_correlation_r"]
+    for model_name, values in metrics.items():
+        if isinstance(values, dict) and "auroc" in values:
+            log.info("%s %-12s %s", name, model_name, "  ".join(f"{k}={values[k]:.4f}" for k in keys))
+
+
+def main(argv=None) -> dict:
+    cfg = load_config(globals(), argv)
+    setup_logging()
+    paths = Paths(cfg.DATA_DIR, cfg.FIG_DIR)
+    set_seed(cfg.SEED)
+    set_torch_threads(cfg.TORCH_THREADS)
+    bound_heap_fragmentation()
+    if cfg.CHUNK_CELLS <= 0:
+        raise InputError(f"CHUNK_CELLS must be positive, got {cfg.CHUNK_CELLS}")
+    device = get_device(cfg.DEVICE)
+
+    model, meta = load_gmvae(paths.gmvae_checkpoint, device)
+    genes, cell_types = [str(g) for g in meta["genes"]], [str(c) for c in meta["cell_types"]]
+    log.info("loaded %s: %d genes, %d cell types", paths.gmvae_checkpoint, len(genes), len(cell_types))
+
+    test = None
+    if paths.test_dir.exists():
+        test = read_dataset(paths.test_dir, stage="_1_split_train_test.py")
+        check_genes(genes, test.var_names, paths.test_dir)
+    counts = cell_counts_table(cfg, paths, cell_types, test)
+    evaluate_now = cfg.EVALUATE and test is not None
+    test_types = test.obs["cell_type"].astype(str).to_numpy() if test is not None else None
+    baseline = nb_baseline(paths, genes, cell_types) if evaluate_now else None
+
+    several = len(counts) > 1
+    sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE)
+    summary, shares = {}, {}
+    for stream, sample in enumerate(counts.index):
+        folder = paths.generated_dir / safe_name(sample) if several else paths.generated_dir
+        suffix = f"_{safe_name(sample)}" if several else ""
+        per_type = counts.loc[sample]
+        log.info("sample %s: %d cells -> %s (%s)", sample, per_type.sum(), folder,
+                 ", ".join(f"{t}={n}" for t, n in per_type.items() if n))
+        codes, kept = generate.write_generated(
+            folder, sampler, genes, cell_types, per_type.to_numpy(), cfg.SEED, cfg.CHUNK_CELLS, stream=stream,
+            sample=str(sample), keep_cells=cfg.EVAL_MAX_CELLS if evaluate_now else 0, device=device)
+        shares[str(sample)] = per_type / per_type.sum()
+        log.info("wrote %s (matrix.mtx, cells.h5ad, clusters.csv); peak RSS %.0f MiB", folder, peak_rss_mb())
+        if not evaluate_now:
+            continue
+        real_shares = evaluation.type_proportions(test_types, cell_types)
+        exact_mae = float(proportion_metrics(shares[str(sample)].to_frame("s").T,
+                                             real_shares.to_frame("s").T).loc["overall", "mae"])
+        metrics, baseline_counts = score_sample(cfg, test, test_types, codes, kept, baseline, cell_types,
+                                                stream, exact_mae)
+        metrics = {"sample": str(sample), "n_cells": int(per_type.sum()), **metrics}
+        summary[str(sample)] = metrics
+        log_summary(str(sample), metrics)
+        if cfg.FIGURES:
+            draw_figures(cfg, paths, suffix, test, test_types, kept, np.asarray(cell_types)[codes],
+                         baseline_counts, cell_types)
+        if several:
+            write_json(metrics, folder / "metrics.json")
+
+    if evaluate_now:
+        reference = evaluation.real_vs_real(test.X, test_types, cell_types, seed=cfg.SEED, n_top_genes=cfg.N_TOP_GENES,
+                                            n_comps=cfg.N_PCS, n_corr_genes=cfg.N_CORR_GENES)
+        log_summary("test halves", {"real_vs_real": reference})
+        payload = (dict(next(iter(summary.values()))) if not several else {"samples": summary})
+        payload["real_vs_real"] = reference
+        payload["n_test_cells"] = int(test.n_obs)
+        write_json(payload, paths.generated_metrics)
+        log.info("wrote %s", paths.generated_metrics)
+    if cfg.FIGURES:
+        real = evaluation.type_proportions(test_types, cell_types) if test is not None else None
+        path = plots.plot_proportions(pd.DataFrame(shares).T, paths.fig_dir / "generated_proportions.png", real=real)
+        log.info("wrote %s", path)
+    save_config(cfg, paths.generated_dir / "config.json")
+    log.info("done; peak RSS %.0f MiB", peak_rss_mb())
+    return summary
+
+
+if __name__ == "__main__":
+    run_stage(main)
