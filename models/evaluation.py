@@ -139,7 +139,8 @@ def classifier_auroc(real_features: np.ndarray, generated_features: np.ndarray, 
 
     real_features, generated_features = dense(real_features), dense(generated_features)
     real_fit, real_score = halves(len(real_features), seed)
-    generated_fit, generated_score = halves(len(generated_features), seed + 1)
+    # the same split seed: identical sets put each cell on the same side with both labels -> exactly 0.5
+    generated_fit, generated_score = halves(len(generated_features), seed)
     train = np.vstack([real_features[real_fit], generated_features[generated_fit]])
     test = np.vstack([real_features[real_score], generated_features[generated_score]])
     train_labels = np.r_[np.zeros(len(real_fit)), np.ones(len(generated_fit))]
