@@ -44,7 +44,7 @@ from models.io import atomic_path, encode_labels, read_dataset
 from models.metrics import proportion_metrics
 from models.paths import Paths, resolve
 from models.train import load_gmvae
-from models.utils import (InputError, bound_heap_fragmentation, get_device, peak_rss_mb, run_stage, set_seed,
+from models.utils import (InputError, get_device, peak_rss_mb, run_stage, set_seed,
                           set_torch_threads, setup_logging)
 
 log = logging.getLogger("bulk2sc.generate")
@@ -56,6 +56,8 @@ SEED = 0  # one seed for every draw: the same seed gives byte-identical output f
 N_CELLS = None  # cells per bulk sample; None = as many as DATA_DIR/test holds (the original's choice)
 CELL_COUNTS = ""  # CSV with cell_type,n_cells: generate exactly these, skipping the proportions
 NOISE_SCALE = 1.0  # scales the prior sd of z (the original's `factor`); < 1 gives more typical cells
+SAMPLER = "inversion"  # "inversion": exact, draws values only where a count is nonzero (~3x faster);
+#                       "model": the GMVAE's own Gamma-Poisson sample_counts (same distribution)
 CHUNK_CELLS = 8192  # cells drawn and written per step: bounds memory (~CHUNK_CELLS x genes floats)
 DEVICE = "cpu"  # "auto" uses CUDA when present; the draws are cheap, CPU is the portable default
 TORCH_THREADS = 0  # 0 = one per core
@@ -179,7 +181,6 @@ def main(argv=None) -> dict:
     paths = Paths(cfg.DATA_DIR, cfg.FIG_DIR)
     set_seed(cfg.SEED)
     set_torch_threads(cfg.TORCH_THREADS)
-    bound_heap_fragmentation()
     if cfg.CHUNK_CELLS <= 0:
         raise InputError(f"CHUNK_CELLS must be positive, got {cfg.CHUNK_CELLS}")
     device = get_device(cfg.DEVICE)
@@ -198,7 +199,9 @@ def main(argv=None) -> dict:
     baseline = nb_baseline(paths, genes, cell_types) if evaluate_now else None
 
     several = len(counts) > 1
-    sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE)
+    if cfg.SAMPLER not in ("inversion", "model"):
+        raise InputError(f"SAMPLER must be 'inversion' or 'model', got {cfg.SAMPLER!r}")
+    sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE, method=cfg.SAMPLER)
     summary, shares = {}, {}
     for stream, sample in enumerate(counts.index):
         folder = paths.generated_dir / safe_name(sample) if several else paths.generated_dir

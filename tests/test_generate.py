@@ -244,3 +244,53 @@ def test_errors_name_the_fix(stage5_dir, tmp_path):
     paths.gmvae_checkpoint.unlink()
     with pytest.raises(InputError, match="_3_train_gmvae.py"):
         stage5.main(base + ["--N_CELLS=5"])
+
+
+# ----------------------------------------------------------------------------- the inversion sampler
+@pytest.mark.parametrize("mu, theta, pi", [(0.05, 2.0, 0.0), (1.0, 0.5, 0.3), (5.0, 0.1, 0.0), (20.0, 3.0, 0.2),
+                                           (100.0, 0.5, 0.0), (400.0, 40.0, 0.5)])
+def test_inversion_sampler_matches_the_zinb_pmf(mu, theta, pi):
+    from scipy import stats
+
+    n = 40_000
+    log_mu = torch.full((n, 1), float(np.log(mu)))
+    log_theta = torch.full((n, 1), float(np.log(theta)))
+    zi_logits = torch.full((n, 1), float(np.log(pi / (1 - pi)))) if pi > 0 else None
+    draws = generate.sample_zinb_inversion(log_mu, log_theta, zi_logits, torch.Generator().manual_seed(0))
+    values = draws.toarray().ravel()
+    support = np.arange(values.max() + 1)
+    pmf = (1 - pi) * stats.nbinom.pmf(support, theta, theta / (theta + mu))
+    pmf[0] += pi
+    gap = np.abs(np.cumsum(np.bincount(values, minlength=len(support)) / n) - np.cumsum(pmf)).max()
+    assert gap < 0.012  # KS critical value at n = 40,000 is 0.0068 (5%); a wrong sampler is far off
+    assert values.mean() == pytest.approx((1 - pi) * mu, rel=0.05)
+
+
+def test_inversion_and_model_samplers_decode_the_same_cells(stage5_dir):
+    from models.train import load_gmvae
+
+    model, _ = load_gmvae(Paths(stage5_dir).gmvae_checkpoint)
+    seen = {}
+    decode = model.decode
+
+    def recording(name):
+        def wrapped(z, log_library=None):
+            seen[name] = z.clone()
+            return decode(z, log_library)
+        return wrapped
+
+    codes = torch.tensor([0, 0, 1, 2, 2, 2])
+    for method in ("inversion", "model"):
+        model.decode = recording(method)
+        generate.gmvae_sampler(model, 0.7, method=method)(codes, torch.Generator().manual_seed(3))
+    model.decode = decode
+    assert torch.equal(seen["inversion"], seen["model"])
+    # the inversion draw matches the decoded ZINB's mean and zero probability, gene by gene
+    codes = torch.zeros(4000, dtype=torch.int64)
+    log_mu, log_theta, zi_logits = generate.prior_decode(model, codes, torch.Generator().manual_seed(0))
+    keep = 1 - torch.sigmoid(zi_logits)
+    expected_mean = (keep * log_mu.exp()).mean(0).numpy()
+    expected_zero = (1 - keep + keep * torch.exp(-log_theta.exp() * torch.nn.functional.softplus(log_mu - log_theta)))
+    draws = generate.sample_zinb_inversion(log_mu, log_theta, zi_logits, torch.Generator().manual_seed(1))
+    assert np.abs(np.asarray(draws.mean(axis=0)).ravel() / expected_mean - 1).max() < 0.15
+    assert (draws.toarray() == 0).mean() == pytest.approx(float(expected_zero.mean()), abs=0.005)
