@@ -25,7 +25,8 @@ decoder compute). Optionally (``pi_min > 0``) pairs whose pi_k is below ``pi_min
 
 Likelihood work: the decoder never sees a dense copy of x per pair. The x == 0 term is summed
 densely; at the nonzero counts (gathered from the batch's CSR) the nonzero term replaces it, so
-``lgamma`` runs only at nonzeros.
+``lgamma`` runs only at nonzeros; value and gradients come from one fused pass
+(``models.distributions.row_log_likelihood``).
 
 Options (all off = the original model): ``log_input`` feeds log1p(x) to the classifier and the
 encoder; ``library`` makes the mean ``softmax(h) * library`` with the cell's observed total count
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from models.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial, row_log_likelihood
 
 LIKELIHOODS = ("zinb", "nb")
 
@@ -149,26 +150,7 @@ class GMVAE(nn.Module):
     def _pair_log_likelihood(self, z, log_library, nz_pair, nz_col, nz_val):
         """sum_g log p(x_g | z) per pair [P]; nonzeros given as (pair, gene, count) triplets."""
         log_mu, log_theta, zi_logits = self.decode(z, log_library)
-        theta = log_theta.exp()
-        delta = log_mu - log_theta
-        softplus_delta = F.softplus(delta)
-        nb_zero = -theta * softplus_delta  # log NB(0), [P, G]
-        if zi_logits is not None:
-            softplus_pi = F.softplus(zi_logits)
-            zero_case = torch.maximum(zi_logits, nb_zero) + F.softplus(-(zi_logits - nb_zero).abs()) - softplus_pi
-        else:
-            zero_case = nb_zero
-        total = zero_case.sum(dim=-1)
-        if nz_pair.numel() == 0:
-            return total
-        flat = nz_pair * self.n_genes + nz_col
-        g_theta, g_delta = theta.reshape(-1)[flat], delta.reshape(-1)[flat]
-        g_nb_zero, g_zero_case = nb_zero.reshape(-1)[flat], zero_case.reshape(-1)[flat]
-        nonzero_case = (g_nb_zero - nz_val * F.softplus(-g_delta) + torch.lgamma(nz_val + g_theta)
-                        - torch.lgamma(g_theta) - torch.lgamma(nz_val + 1.0))
-        if zi_logits is not None:
-            nonzero_case = nonzero_case - softplus_pi.reshape(-1)[flat]
-        return total.index_add(0, nz_pair, nonzero_case - g_zero_case)
+        return row_log_likelihood(log_mu, log_theta, zi_logits, nz_pair, nz_col, nz_val)
 
     @staticmethod
     def _pair_nonzeros(batch: Batch, rows: torch.Tensor):
@@ -207,8 +189,8 @@ class GMVAE(nn.Module):
 
         ``recon`` = sum_k pi_k * (-log p(x | z_k)), ``kl_z`` = sum_k pi_k * KL(q_k || p_k),
         ``kl_pi`` = -log pi_label. Also ``nelbo_label`` (-ELBO under the labelled type alone, an
-        upper bound on -log p(x | label)), ``skipped_mass`` (pi mass of skipped pairs) and
-        ``log_pi`` [B, K].
+        upper bound on -log p(x | label)), ``skipped_mass`` (pi mass of skipped pairs), ``pairs``
+        (components evaluated per cell) and ``log_pi`` [B, K].
         """
         n_cells = batch.dense.shape[0]
         log_pi = torch.log_softmax(self.class_logits(batch.dense), dim=-1)
@@ -241,12 +223,20 @@ class GMVAE(nn.Module):
         kl_pi = -log_pi.gather(1, batch.labels[:, None]).squeeze(1)
         is_label = (types == batch.labels[rows]).to(nll.dtype)
         nelbo_label = zeros.index_add(0, rows, is_label * (nll + kl).detach())
-        return dict(loss=recon + kl_z + kl_pi, recon=recon, kl_z=kl_z, kl_pi=kl_pi,
-                    nelbo_label=nelbo_label, skipped_mass=skipped, log_pi=log_pi.detach())
+        pairs = torch.bincount(rows, minlength=n_cells).to(pi.dtype)
+        return dict(loss=recon + kl_z + kl_pi, recon=recon, kl_z=kl_z, kl_pi=kl_pi, nelbo_label=nelbo_label,
+                    skipped_mass=skipped, pairs=pairs, log_pi=log_pi.detach())
 
     def loss(self, batch: Batch, pi_min: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean per-cell loss of a batch (the training objective)."""
         return self(batch, pi_min=pi_min, generator=generator)["loss"].mean()
+
+    def init_from_data(self, gene_means) -> None:
+        """Start the mean head at each gene's average count (bias = log mean), so the first
+        epochs fit structure, not scale. The likelihood and the architecture are unchanged."""
+        log_means = torch.log(torch.as_tensor(gene_means, dtype=torch.float32).clamp_min(1e-4))
+        with torch.no_grad():
+            self.dec_mean.bias.copy_(log_means.to(self.dec_mean.bias.device))
 
     # ------------------------------------------------------------------ generation
     def set_library_prior(self, loc, scale) -> None:

@@ -23,7 +23,7 @@ from models.utils import InputError
 
 log = logging.getLogger(__name__)
 
-LOSS_PARTS = ("loss", "recon", "kl_z", "kl_pi", "nelbo_label", "skipped_mass")
+LOSS_PARTS = ("loss", "recon", "kl_z", "kl_pi", "nelbo_label", "skipped_mass", "pairs")
 
 
 class TrainingDiverged(InputError):
@@ -94,7 +94,7 @@ def train_epoch(model: GMVAE, optimizer, counts: sp.csr_matrix, labels: np.ndarr
         loss = out["loss"].mean()
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"training loss became {float(loss)} at epoch {epoch}; the checkpoint on disk was not "
+                f"training loss became {float(loss.detach())} at epoch {epoch}; the checkpoint on disk was not "
                 "overwritten. Lower LR, or set LOG_INPUT=True, then rerun (RESUME=True continues from it)"
             )
         optimizer.zero_grad(set_to_none=True)

@@ -56,3 +56,105 @@ def test_nb_baseline_ml_beats_moments_and_matches_scipy():
     # theta is the maximiser: nudging it either way lowers the likelihood
     for factor in (0.9, 1.1):
         assert nll_ml.sum() < nb_nll_per_cell(counts, partition, mu_ml, theta_ml * factor).sum()
+
+
+# ----------------------------------------------------------------------------- the script
+import shutil  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+
+import _3_train_gmvae as stage3  # noqa: E402
+from models import io  # noqa: E402
+from models.paths import Paths  # noqa: E402
+
+SMALL = ["--Z_DIM=4", "--ENC_HIDDEN1=16", "--ENC_HIDDEN2=8", "--CLS_HIDDEN=16", "--PRIOR_HIDDEN=8",
+         "--DEC_HIDDEN1=8", "--DEC_HIDDEN2=16", "--BATCH_SIZE=64", "--PATIENCE=100"]
+
+
+@pytest.fixture()
+def data_dir(tiny_split_dir, tmp_path):
+    target = tmp_path / "data"
+    shutil.copytree(tiny_split_dir, target)
+    return target
+
+
+def run(data_dir, *extra):
+    stage3.main([f"--DATA_DIR={data_dir}", f"--FIG_DIR={data_dir / 'fig'}", *SMALL, *extra])
+    return Paths(data_dir, data_dir / "fig")
+
+
+def test_trains_writes_history_checkpoint_and_resumes(data_dir):
+    paths = run(data_dir, "--EPOCHS=2", "--SAVE_EVERY=1")
+    history = pd.read_csv(paths.gmvae_history)
+    assert list(history["epoch"]) == [1, 2]
+    for column in ("train_loss", "train_recon", "train_kl_z", "train_kl_pi", "test_loss", "test_accuracy", "seconds"):
+        assert history[column].notna().all(), column
+    assert (paths.fig_dir / "gmvae_loss.png").exists()
+    checkpoint = torch.load(paths.gmvae_checkpoint, weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["cell_types"] == ["alpha", "beta", "gamma"]
+    steps = checkpoint["optimizer"]["state"][0]["step"]
+
+    run(data_dir, "--EPOCHS=4", "--SAVE_EVERY=1", "--RESUME=true")
+    history = pd.read_csv(paths.gmvae_history)
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    resumed = torch.load(paths.gmvae_checkpoint, weights_only=True)
+    assert resumed["epoch"] == 4
+    assert float(resumed["optimizer"]["state"][0]["step"]) == 2 * float(steps)  # optimizer continued
+    model, meta = load_gmvae(paths.gmvae_checkpoint)
+    counts = model.sample_counts(torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))
+    assert counts.shape == (3, len(meta["genes"]))
+
+    with pytest.raises(InputError, match="differ from the checkpoint"):
+        run(data_dir, "--EPOCHS=5", "--RESUME=true", "--LIKELIHOOD=nb")
+
+
+def test_nan_loss_stops_and_keeps_the_good_checkpoint(data_dir, monkeypatch):
+    paths = run(data_dir, "--EPOCHS=1")
+    good = paths.gmvae_checkpoint.read_bytes()
+    real_forward = GMVAE.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(GMVAE, "forward", poisoned)
+    with pytest.raises(InputError, match="epoch 2.*LR"):
+        run(data_dir, "--EPOCHS=3", "--RESUME=true", "--SAVE_EVERY=1")
+    assert paths.gmvae_checkpoint.read_bytes() == good
+
+
+def _rewrite(folder, adata):
+    for name in folder.iterdir():
+        name.unlink()
+    io.write_dataset(adata, folder)
+
+
+def test_input_errors_name_the_file_and_fix(data_dir, tmp_path):
+    with pytest.raises(InputError, match="_1_split_train_test.py"):
+        run(tmp_path / "empty", "--EPOCHS=1")
+    paths = Paths(data_dir)
+    test = io.read_dataset(paths.test_dir)
+
+    renamed = test.copy()
+    renamed.var_names = [f"other{i}" for i in range(renamed.n_vars)]
+    _rewrite(paths.test_dir, renamed)
+    with pytest.raises(InputError, match="genes differ"):
+        run(data_dir, "--EPOCHS=1")
+
+    relabelled = test.copy()
+    io.set_labels(relabelled, ["delta"] * relabelled.n_obs)
+    _rewrite(paths.test_dir, relabelled)
+    with pytest.raises(InputError, match="outside"):
+        run(data_dir, "--EPOCHS=1")
+
+    fractional = test.copy()
+    fractional.X = sp.csr_matrix(fractional.X.toarray() * 0.5 + 0.25)
+    (paths.test_dir / "cells.h5ad").unlink()
+    io.write_mtx(paths.test_dir / "matrix.mtx", sp.csr_matrix(fractional.X).T)
+    import scipy.io as sio
+    with open(paths.test_dir / "matrix.mtx", "wb") as handle:  # write real (non-integer) values
+        sio.mmwrite(handle, sp.coo_matrix(fractional.X.T))
+    with pytest.raises(InputError, match="not integers"):
+        run(data_dir, "--EPOCHS=1")

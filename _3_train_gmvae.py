@@ -1,0 +1,274 @@
+"""Stage 3: train the supervised GMVAE (the single-cell generator) on the training cells.
+
+Reads:
+    DATA_DIR/train/   cells.h5ad, or matrix.mtx + genes.tsv + barcodes.tsv + clusters.csv (_1_)
+    DATA_DIR/test/    the same for the held-out cells, used for the test loss and early stopping
+Writes:
+    DATA_DIR/checkpoints/gmvae.pt       state_dict, config, optimizer, epoch, genes, cell_types,
+                                        settings (loads with torch.load(..., weights_only=True))
+    DATA_DIR/checkpoints/history.csv    one row per epoch: train/test loss parts, accuracy, seconds
+    FIG_DIR/gmvae_loss.png              train and test loss per epoch
+
+The model and loss are the original bulk2sc GMVAE's (see models/gmvae.py), vectorised over the
+K cell types. ``LOG_INPUT``, ``LIBRARY`` and ``PI_MIN`` are options; with
+``--LOG_INPUT=false --LIBRARY=false --PI_MIN=0`` the objective is exactly the original one.
+
+Run:
+    python _3_train_gmvae.py
+    python _3_train_gmvae.py --EPOCHS=200 --RESUME=true          # continue to 200 epochs in total
+    python _3_train_gmvae.py --LIKELIHOOD=nb --DATA_DIR=/tmp/pbmc
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from models import io
+from models.config import load_config
+from models.gmvae import GMVAE
+from models.paths import CLUSTERS, GENES, Paths
+from models.train import (
+    LOSS_PARTS,
+    TrainingDiverged,
+    evaluate,
+    is_finite,
+    library_prior,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    train_epoch,
+)
+from models.utils import (
+    InputError,
+    bound_heap_fragmentation,
+    get_device,
+    peak_rss_mb,
+    run_stage,
+    set_seed,
+    set_torch_threads,
+    setup_logging,
+)
+
+log = logging.getLogger("bulk2sc.train_gmvae")
+
+# -----------------------------------------------------------------------------
+DATA_DIR = "data"  # root of every stage's inputs and outputs; relative paths are from the repo root
+FIG_DIR = "fig"  # gmvae_loss.png goes here
+SEED = 0  # seeds initialisation, shuffling and the z draws; same seed, same model
+EPOCHS = 60  # total epochs (RESUME counts the ones already done); early stopping usually ends sooner
+BATCH_SIZE = 128  # cells per step; the original used 37 (8x more steps per epoch, same memory bound)
+LR = 1e-3  # Adam; the original's 6e-6 with a summed loss needed 4,000 epochs, this mean loss needs tens
+LIKELIHOOD = "zinb"  # "zinb" (the original's) or "nb" (no dropout head)
+Z_DIM = 32  # latent size, as the original
+ENC_HIDDEN1 = 128  # encoder G+K -> 128 -> 64 -> Z, as the original
+ENC_HIDDEN2 = 64
+CLS_HIDDEN = 128  # assignment MLP G -> 128 -> K
+PRIOR_HIDDEN = 128  # prior MLPs K -> 128 -> Z
+DEC_HIDDEN1 = 64  # decoder Z -> 64, then per head 64 -> 128 -> G
+DEC_HIDDEN2 = 128
+LOG_INPUT = True  # log1p(counts) into the classifier and encoder (false = the original's raw counts)
+LIBRARY = False  # mean = softmax * observed library size (scVI style); generation draws a per-type log-normal
+PI_MIN = 1e-3  # skip (cell, type) pairs with pi below this (label always kept); 0 = full sum over K
+CHUNK_ELEMENTS = 1 << 22  # decoder outputs per chunk of pairs (4M floats = 16 MB per tensor): bounds memory
+EVAL_BATCH_SIZE = 256  # cells per batch for the test loss (no gradients)
+TEST_EVERY = 1  # epochs between held-out evaluations (early stopping looks only at these)
+PATIENCE = 5  # stop after this many evaluations without a relative test-loss gain of MIN_DELTA
+MIN_DELTA = 1e-3  # relative improvement that counts as progress (0.1% of the test loss)
+SAVE_EVERY = 5  # epochs between checkpoint writes (and always at the end or an early stop)
+RESUME = False  # continue from checkpoints/gmvae.pt (weights, optimizer, epoch, history) up to EPOCHS
+DEVICE = "auto"  # "auto": CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
+TORCH_THREADS = 0  # 0 = one per core
+# -----------------------------------------------------------------------------
+
+
+def model_config(cfg, n_genes: int, n_types: int) -> dict:
+    """GMVAE keyword arguments (primitives only) from the constants."""
+    return dict(
+        n_genes=n_genes, n_types=n_types, z_dim=cfg.Z_DIM, enc_hidden1=cfg.ENC_HIDDEN1, enc_hidden2=cfg.ENC_HIDDEN2,
+        cls_hidden=cfg.CLS_HIDDEN, prior_hidden=cfg.PRIOR_HIDDEN, dec_hidden1=cfg.DEC_HIDDEN1,
+        dec_hidden2=cfg.DEC_HIDDEN2, likelihood=cfg.LIKELIHOOD, log_input=cfg.LOG_INPUT, library=cfg.LIBRARY,
+        chunk_elements=cfg.CHUNK_ELEMENTS,
+    )
+
+
+def read_split(paths: Paths):
+    """(train AnnData, test AnnData, test partition codes in the train type order), checked."""
+    train = io.read_dataset(paths.train_dir, stage="_1_split_train_test.py")
+    test = io.read_dataset(paths.test_dir, stage="_1_split_train_test.py")
+    if list(train.var_names) != list(test.var_names):
+        only_train = sorted(set(train.var_names) - set(test.var_names))[:3]
+        only_test = sorted(set(test.var_names) - set(train.var_names))[:3]
+        raise InputError(
+            f"{paths.test_dir / GENES}: test genes differ from {paths.train_dir / GENES} "
+            f"({train.n_vars} vs {test.n_vars}; train-only e.g. {only_train}, test-only e.g. {only_test}, "
+            "or a different order); rerun _1_split_train_test.py so both splits share one gene list"
+        )
+    cell_types = list(train.obs["cell_type"].cat.categories)
+    train_codes = train.obs["partition"].to_numpy()
+    missing = sorted(set(range(len(cell_types))) - set(train_codes))
+    if missing:
+        raise InputError(
+            f"{paths.train_dir / CLUSTERS}: types {[cell_types[k] for k in missing]} have no training cells; "
+            "labels must be 0..K-1 with every type present; rerun _1_split_train_test.py"
+        )
+    unknown = sorted(set(test.obs["cell_type"].astype(str)) - set(cell_types))
+    if unknown:
+        raise InputError(
+            f"{paths.test_dir / CLUSTERS}: test labels {unknown[:5]} are outside the {len(cell_types)} "
+            f"training types 0..{len(cell_types) - 1}; rerun _1_split_train_test.py"
+        )
+    test_codes, _ = io.encode_labels(test.obs["cell_type"].astype(str), cell_types)
+    return train, test, test_codes, cell_types
+
+
+def resume_state(cfg, paths: Paths, config: dict, genes, cell_types):
+    """The checkpoint dict to resume from, checked against the data and the settings."""
+    checkpoint = load_checkpoint(paths.gmvae_checkpoint)
+    if checkpoint["genes"] != list(genes) or checkpoint["cell_types"] != list(cell_types):
+        raise InputError(
+            f"{paths.gmvae_checkpoint}: trained on other genes or cell types than {paths.train_dir}; "
+            "set RESUME=false to train afresh"
+        )
+    if checkpoint["config"] != config:
+        changed = sorted(k for k in config if checkpoint["config"].get(k) != config[k])
+        raise InputError(
+            f"{paths.gmvae_checkpoint}: model settings {changed} differ from the checkpoint's; "
+            "use the same settings to resume, or RESUME=false"
+        )
+    return checkpoint
+
+
+def read_history(path, up_to_epoch: int) -> list[dict]:
+    if not path.exists():
+        return []
+    history = pd.read_csv(path)
+    return history[history["epoch"] <= up_to_epoch].to_dict("records")
+
+
+def plot_history(history: pd.DataFrame, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(history["epoch"], history["train_loss"], label="train")
+    tested = history.dropna(subset=["test_loss"])
+    ax.plot(tested["epoch"], tested["test_loss"], label="test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per cell (nats)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg = load_config(globals(), argv)
+    setup_logging()
+    if cfg.LIKELIHOOD not in ("zinb", "nb"):
+        raise InputError(f"LIKELIHOOD must be 'zinb' or 'nb', got {cfg.LIKELIHOOD!r}")
+    paths = Paths(cfg.DATA_DIR, cfg.FIG_DIR)
+    set_seed(cfg.SEED)
+    set_torch_threads(cfg.TORCH_THREADS)
+    bound_heap_fragmentation()
+    device = get_device(cfg.DEVICE)
+
+    train, test, test_codes, cell_types = read_split(paths)
+    genes = list(train.var_names)
+    train_counts, test_counts = train.X, test.X
+    train_codes = train.obs["partition"].to_numpy().astype(np.int64)
+    log.info("training on %d cells x %d genes, %d types (test: %d cells) on %s",
+             train.n_obs, len(genes), len(cell_types), test.n_obs, device)
+
+    config = model_config(cfg, len(genes), len(cell_types))
+    model = GMVAE(**config)
+    model.init_from_data(np.asarray(train_counts.mean(axis=0)).ravel())
+    model.set_library_prior(*library_prior(train_counts, train_codes, len(cell_types)))
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.LR)
+    start_epoch, best_loss, best_epoch, stale = 0, float("inf"), 0, 0
+    history: list[dict] = []
+    if cfg.RESUME and paths.gmvae_checkpoint.exists():
+        checkpoint = resume_state(cfg, paths, config, genes, cell_types)
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch = checkpoint["epoch"]
+        best_loss, best_epoch = checkpoint["best_test_loss"], checkpoint["best_epoch"]
+        stale = checkpoint["stale_evals"]
+        history = read_history(paths.gmvae_history, start_epoch)
+        log.info("resuming from epoch %d of %s", start_epoch, paths.gmvae_checkpoint)
+    elif cfg.RESUME:
+        log.warning("RESUME=true but %s does not exist; training from scratch", paths.gmvae_checkpoint)
+    if start_epoch >= cfg.EPOCHS:
+        log.info("checkpoint is already at epoch %d >= EPOCHS=%d; nothing to do", start_epoch, cfg.EPOCHS)
+        return
+
+    settings = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
+    rng = np.random.default_rng([cfg.SEED, start_epoch])  # resumed runs shuffle differently from epoch 1
+
+    def save(epoch: int) -> None:
+        save_checkpoint(paths.gmvae_checkpoint, model, optimizer, epoch, genes, cell_types,
+                        best_test_loss=float(best_loss), best_epoch=int(best_epoch), stale_evals=int(stale),
+                        settings=settings)
+
+    def write_history() -> None:
+        io.write_table(pd.DataFrame(history), paths.gmvae_history, index=False)
+
+    bar = tqdm(range(start_epoch + 1, cfg.EPOCHS + 1), initial=start_epoch, total=cfg.EPOCHS,
+               desc="GMVAE", unit="epoch", dynamic_ncols=True)
+    epoch = start_epoch
+    for epoch in bar:
+        started = time.perf_counter()
+        try:
+            train_parts = train_epoch(model, optimizer, train_counts, train_codes, cfg.BATCH_SIZE, device, rng,
+                                      cfg.PI_MIN, epoch)
+        except TrainingDiverged:
+            if history:
+                write_history()
+            raise
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_parts.items()}}
+        row.update({f"test_{k}": float("nan") for k in (*LOSS_PARTS, "accuracy")})
+        stop = False
+        if epoch % cfg.TEST_EVERY == 0 or epoch == cfg.EPOCHS:
+            test_parts = evaluate(model, test_counts, test_codes, cfg.EVAL_BATCH_SIZE, device, cfg.PI_MIN, cfg.SEED)
+            if not is_finite(test_parts["loss"]):
+                write_history()
+                raise TrainingDiverged(
+                    f"test loss became {test_parts['loss']} at epoch {epoch}; {paths.gmvae_checkpoint} was not "
+                    "overwritten. Lower LR or set LOG_INPUT=True and rerun"
+                )
+            row.update({f"test_{k}": v for k, v in test_parts.items()})
+            if test_parts["loss"] < best_loss - cfg.MIN_DELTA * abs(best_loss if is_finite(best_loss) else 0):
+                best_loss, best_epoch, stale = test_parts["loss"], epoch, 0
+            else:
+                stale += 1
+                stop = stale >= cfg.PATIENCE
+        row["seconds"] = time.perf_counter() - started
+        history.append(row)
+        write_history()
+        bar.set_postfix(train=f"{row['train_loss']:.1f}", test=f"{row['test_loss']:.1f}",
+                        acc=f"{row['test_accuracy']:.3f}")
+        if stop or epoch % cfg.SAVE_EVERY == 0 or epoch == cfg.EPOCHS:
+            save(epoch)
+        if stop:
+            log.info("test loss has not improved for %d evaluations (best %.2f at epoch %d): stopping at epoch %d",
+                     stale, best_loss, best_epoch, epoch)
+            break
+    bar.close()
+    plot_history(pd.DataFrame(history), paths.fig_dir / "gmvae_loss.png")
+    last = history[-1]
+    log.info("epoch %d: test loss %.2f (label -ELBO %.2f), accuracy %.3f; peak RSS %.0f MB; wrote %s",
+             epoch, last["test_loss"], last["test_nelbo_label"], last["test_accuracy"], peak_rss_mb(),
+             paths.gmvae_checkpoint)
+
+
+if __name__ == "__main__":
+    run_stage(main)
