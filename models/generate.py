@@ -153,7 +153,7 @@ def type_codes_from_counts(counts: Sequence[int]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- samplers
-MAX_INVERSION_MU = 32.0  # above this mean, draw Gamma-Poisson (rejecting zeros) instead of walking the CDF
+MAX_INVERSION_MU = 2.0  # above this mean, draw Gamma-Poisson (rejecting zeros) instead of walking the CDF
 MAX_STEPS = 100_000  # safety bound of the CDF walk (reached only through float rounding at v ~ 1)
 
 
@@ -179,57 +179,65 @@ def sample_zinb_inversion(log_mu: torch.Tensor, log_theta: torch.Tensor, zi_logi
         keep = torch.sigmoid(zi_logits.to(device).neg())  # 1 - pi
         p_zero = p_zero.mul_(keep).add_(1.0).sub_(keep)  # pi + (1 - pi) NB(0)
     uniform = torch.rand(log_mu.shape, generator=generator, device=device)
-    rows, cols = torch.nonzero(uniform >= p_zero, as_tuple=True)
+    nonzero = (uniform >= p_zero).cpu().numpy()
     del uniform, p_zero
-    values = truncated_nb(log_mu[rows, cols].double(), log_theta[rows, cols].double(), log_p0[rows, cols].double(),
-                          generator)
+    rows, cols = np.nonzero(nonzero)  # row-major: CSR order (numpy's is several times faster than torch's)
+    values = truncated_nb(log_mu.cpu().numpy()[rows, cols].astype(np.float64),
+                          log_theta.cpu().numpy()[rows, cols].astype(np.float64),
+                          log_p0.cpu().numpy()[rows, cols].astype(np.float64), generator)
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows.cpu().numpy(), minlength=n_rows), out=indptr[1:])
-    return sp.csr_matrix((values.cpu().numpy().astype(np.int32), cols.cpu().numpy().astype(np.int32), indptr),
-                         shape=(n_rows, n_cols))
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+    return sp.csr_matrix((values.astype(np.int32), cols.astype(np.int32), indptr), shape=(n_rows, n_cols))
 
 
-def truncated_nb(log_mu: torch.Tensor, log_theta: torch.Tensor, log_p0: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
-    """One draw of NB(mu, theta) conditioned on X >= 1 per entry (float64 inputs, int64 output)."""
-    device = log_mu.device
-    out = torch.ones(log_mu.shape, dtype=torch.int64, device=device)
-    if not log_mu.numel():
+def truncated_nb(log_mu: np.ndarray, log_theta: np.ndarray, log_p0: np.ndarray,
+                 generator: torch.Generator) -> np.ndarray:
+    """One draw of NB(mu, theta) conditioned on X >= 1 per entry (float64 arrays in, int64 out).
+
+    All uniforms and Gamma/Poisson draws come from ``generator``; the arithmetic is numpy
+    (its boolean compaction is several times faster than torch's on CPU).
+    """
+    device = torch.device(generator.device)
+    out = np.ones(len(log_mu), dtype=np.int64)
+    if not len(log_mu):
         return out
-    walk = log_mu.exp() <= MAX_INVERSION_MU
-    # CDF walk: smallest x >= 1 with sum_{k=1..x} pmf(k) >= v * P(X >= 1), v ~ U(0, 1).
-    index = torch.nonzero(walk, as_tuple=True)[0]
-    if index.numel():
-        mu, theta, lp0 = log_mu[index].exp(), log_theta[index].exp(), log_p0[index]
+    mu_all = np.exp(log_mu)
+    walk = mu_all <= MAX_INVERSION_MU
+    # CDF walk: smallest x >= 1 with sum_{k=1..x} pmf(k) >= v * P(X >= 1), v ~ U(0, 1). The
+    # working arrays shrink to the entries still walking, so the cost is ~ the sum of the counts.
+    where = np.flatnonzero(walk)
+    if len(where):
+        target = torch.rand(len(where), dtype=torch.float64, generator=generator, device=device).cpu().numpy()
+        mu, lp0, theta = mu_all[where], log_p0[where], np.exp(log_theta[where])
         q = mu / (mu + theta)
-        target = torch.rand(index.numel(), dtype=torch.float64, generator=generator, device=device) * (-torch.expm1(lp0))
-        pmf = torch.exp(lp0 + torch.log(theta) + torch.log(q))  # pmf(1) = p0 theta q
-        total = pmf.clone()
-        x = torch.ones_like(index)
-        active = torch.nonzero(total < target, as_tuple=True)[0]
-        for _ in range(MAX_STEPS):
-            if not active.numel():
+        target *= -np.expm1(lp0)
+        pmf = np.exp(lp0 + np.log(theta) + np.log(q))  # pmf(1) = p0 theta q
+        total = pmf.copy()
+        for step in range(1, MAX_STEPS):
+            going = total < target
+            if step > 1:
+                out[where[~going]] = step
+            if not going.any():
                 break
-            k = x[active].double()
-            pmf[active] = pmf[active] * (k + theta[active]) / (k + 1.0) * q[active]
-            total[active] += pmf[active]
-            x[active] += 1
-            active = active[total[active] < target[active]]
-        out[index] = x
+            where, pmf, total, target, theta, q = (a[going] for a in (where, pmf, total, target, theta, q))
+            pmf *= (step + theta) / (step + 1.0) * q  # pmf(step + 1) from pmf(step)
+            total += pmf
+        else:
+            out[where] = MAX_STEPS
     # Large means: Gamma-Poisson draws, redrawn where they came out zero (P(0) is small there).
-    index = torch.nonzero(~walk, as_tuple=True)[0]
-    if index.numel():
-        mu, theta = log_mu[index].exp(), log_theta[index].exp()
-        pending = torch.arange(index.numel(), device=device)
-        draws = torch.zeros(index.numel(), dtype=torch.float64, device=device)
+    where = np.flatnonzero(~walk)
+    if len(where):
+        mu = torch.as_tensor(mu_all[where], device=device)
+        theta = torch.as_tensor(np.exp(log_theta[where]), device=device)
         for _ in range(MAX_STEPS):
-            if not pending.numel():
+            rate = torch._standard_gamma(theta, generator=generator) * (mu / theta)
+            draw = torch.poisson(rate, generator=generator).cpu().numpy()
+            done = draw > 0.5
+            out[where[done]] = draw[done].astype(np.int64)
+            if done.all():
                 break
-            rate = torch._standard_gamma(theta[pending], generator=generator) * (mu[pending] / theta[pending])
-            draw = torch.poisson(rate, generator=generator)
-            draws[pending] = draw
-            pending = pending[draw < 0.5]
-        out[index] = draws.clamp_min(1.0).long()
+            keep = torch.from_numpy(~done).to(device)
+            where, mu, theta = where[~done], mu[keep], theta[keep]
     return out
 
 
