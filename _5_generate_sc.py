@@ -107,6 +107,8 @@ def cell_counts_table(cfg, paths: Paths, cell_types: list[str], test) -> pd.Data
             raise InputError(f"N_CELLS is not set and {paths.test_dir} is missing: pass --N_CELLS=<number> "
                              "or run _1_split_train_test.py")
         n_cells = test.n_obs
+    if isinstance(n_cells, float) and n_cells.is_integer():
+        n_cells = int(n_cells)  # --N_CELLS=1e6
     if not isinstance(n_cells, (int, np.integer)) or isinstance(n_cells, bool):
         raise InputError(f"N_CELLS must be a whole number of cells, got {n_cells!r}")
     return generate.cell_counts_from_proportions(proportions, int(n_cells))

@@ -229,6 +229,12 @@ def test_errors_name_the_fix(stage5_dir, tmp_path):
     base = [f"--DATA_DIR={data}", f"--FIG_DIR={tmp_path / 'fig'}", "--FIGURES=false", "--EVALUATE=false"]
     with pytest.raises(InputError, match="N_CELLS"):
         stage5.main(base + ["--N_CELLS=0"])
+    with pytest.raises(InputError, match="N_CELLS"):
+        stage5.main(base + ["--N_CELLS=-5"])
+    with pytest.raises(InputError, match="whole number"):
+        stage5.main(base + ["--N_CELLS=2.5"])
+    with pytest.raises(InputError, match="SAMPLER"):
+        stage5.main(base + ["--N_CELLS=5", "--SAMPLER=gamma"])
     counts = tmp_path / "counts.csv"
     pd.DataFrame({"cell_type": ["delta"], "n_cells": [3]}).to_csv(counts, index=False)
     with pytest.raises(InputError, match="valid names are: alpha, beta, gamma"):
