@@ -170,19 +170,22 @@ class _RowLogLikelihood(torch.autograd.Function):
         nb_zero = F.softplus(delta).mul_(theta).neg_()  # f = log NB(0) = -theta * softplus(d)
         del delta
         # zero case: NB: f; ZINB: g = softplus(f - pi) - softplus(-pi) (= logsumexp(pi, f) - softplus(pi))
+        # grad_mu is kept negated (theta * sigma(d) * dg/df); backward flips the sign for free.
         if zi_logits is not None:
             gap = nb_zero - zi_logits
             weight = torch.sigmoid(gap)  # d g / d f
-            value_rows = F.softplus(gap).sum(-1) - F.softplus(-zi_logits).sum(-1)
+            neg_zi = zi_logits.neg()
+            value_rows = F.softplus(gap).sum(-1) - F.softplus(neg_zi).sum(-1)
             del gap
-            grad_zi = torch.sigmoid(-zi_logits).sub_(weight)
-            grad_mu = theta_sig.neg().mul_(weight)
+            grad_zi = torch.sigmoid(neg_zi).sub_(weight)
+            del neg_zi
+            neg_grad_mu = theta_sig.mul(weight)
             grad_theta = nb_zero.add_(theta_sig).mul_(weight)  # (f + theta sigma(d)) * dg/df
             del weight
         else:
             value_rows = nb_zero.sum(-1)
             grad_zi = None
-            grad_mu = theta_sig.neg()
+            neg_grad_mu = theta_sig
             grad_theta = nb_zero.add_(theta_sig)
         del theta_sig, nb_zero
 
@@ -206,19 +209,19 @@ class _RowLogLikelihood(torch.autograd.Function):
             else:
                 zero = g_f
             value_rows = value_rows.index_add(0, nz_row, nonzero - zero)
-            grad_mu.reshape(-1)[flat] = d_mu
+            neg_grad_mu.reshape(-1)[flat] = -d_mu
             grad_theta.reshape(-1)[flat] = d_theta
-        ctx.save_for_backward(grad_mu, grad_theta, grad_zi if grad_zi is not None else torch.empty(0))
+        ctx.save_for_backward(neg_grad_mu, grad_theta, grad_zi if grad_zi is not None else torch.empty(0))
         ctx.has_zi = zi_logits is not None
         return value_rows
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rows):
-        grad_mu, grad_theta, grad_zi = ctx.saved_tensors
+        neg_grad_mu, grad_theta, grad_zi = ctx.saved_tensors
         scale = grad_rows[:, None]
         # In place: the saved partials are used by this one backward only (once_differentiable).
-        grad_mu = grad_mu.mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_mu = neg_grad_mu.mul_(-scale) if ctx.needs_input_grad[0] else None
         grad_theta = grad_theta.mul_(scale) if ctx.needs_input_grad[1] else None
         grad_zi = grad_zi.mul_(scale) if ctx.has_zi and ctx.needs_input_grad[2] else None
         return grad_mu, grad_theta, grad_zi, None, None, None
