@@ -170,8 +170,8 @@ def write_json(payload: dict, path: Path) -> None:
 
 
 def log_summary(name: str, metrics: dict) -> None:
-    keys = ["proportion_mae", "per_type_mean_r_median", "auroc", "mmd", "ks_library_size", "ks_zero_fraction",
-            "gene_correlation_r"]
+    keys = ["proportion_mae", "per_type_mean_r_median", "auroc", "auroc_quadratic", "mmd", "ks_library_size",
+            "ks_zero_fraction", "gene_correlation_r", "gene_correlation_r_within_type"]
     for model_name, values in metrics.items():
         if isinstance(values, dict) and "auroc" in values:
             log.info("%s %-12s %s", name, model_name, "  ".join(f"{k}={values[k]:.4f}" for k in keys))

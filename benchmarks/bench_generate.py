@@ -164,8 +164,10 @@ def fidelity(work: Path, fig_dir: Path, readme: bool, retrain: bool, train_args:
     metrics = json.loads(paths.generated_metrics.read_text())
     keys = [("per_type_mean_r_median", "per-type mean r (median)", ">= 0.97"), ("per_type_mean_r_min",
             "per-type mean r (worst type)", ""), ("auroc", "real-vs-generated AUROC", "<= 0.55"),
+            ("auroc_quadratic", "AUROC, PCs + squared PCs", ""),
             ("mmd", "MMD (PCA, RBF)", ""), ("ks_library_size", "KS library size", "<= 0.1"),
             ("ks_zero_fraction", "KS zero fraction", ""), ("gene_correlation_r", "gene-gene correlation r", ""),
+            ("gene_correlation_r_within_type", "gene-gene correlation r within types", ""),
             ("mean_library_size_generated", "mean library size", "")]
     reference = dict(metrics["real_vs_real"])
     reference["mmd"] = metrics["gmvae"]["mmd_real_halves"]

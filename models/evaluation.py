@@ -10,11 +10,12 @@ Metrics:
 - per-type mean r: Pearson r across genes of each type's mean log1p-normalised expression
   (median over types, and each type);
 - classifier AUROC: logistic regression on PCA of log-normalised top variable genes, trained
-  on one half of real + generated and scored on the other (0.5 = indistinguishable);
+  on one half of real + generated and scored on the other (0.5 = indistinguishable); also
+  with the squared PCs added (``auroc_quadratic``), which sees differences of spread too;
 - MMD (RBF kernel, median-distance bandwidth taken from the real cells) in PCA space;
 - KS distance of library size and of per-cell zero fraction;
 - correlation r: Pearson r between the gene-gene correlation matrices (upper triangles) of
-  the top variable genes of the real cells.
+  the top variable genes of the real cells, pooled and within types (type means removed).
 """
 from __future__ import annotations
 
@@ -127,11 +128,13 @@ def halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def classifier_auroc(real_features: np.ndarray, generated_features: np.ndarray, seed: int = 0,
-                     n_comps: int = 30) -> float:
+                     n_comps: int = 30, quadratic: bool = False) -> float:
     """Real-vs-generated AUROC of a logistic regression trained on one half, scored on the other.
 
     PCA (``n_comps``) and standardisation are fitted on the training half only. 0.5 means the
-    classifier cannot tell the sets apart; 1.0 means it always can.
+    classifier cannot tell the sets apart; 1.0 means it always can. A linear classifier sees
+    only shifts of the mean, which an NB fitted by moments matches by construction;
+    ``quadratic=True`` adds the squared PCs, so it also sees the spread along each PC.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -146,6 +149,8 @@ def classifier_auroc(real_features: np.ndarray, generated_features: np.ndarray, 
     train_labels = np.r_[np.zeros(len(real_fit)), np.ones(len(generated_fit))]
     test_labels = np.r_[np.zeros(len(real_score)), np.ones(len(generated_score))]
     train_pcs, test_pcs = pca_fit_transform(train, test, n_comps=n_comps, seed=seed)
+    if quadratic:
+        train_pcs, test_pcs = np.hstack([train_pcs, train_pcs ** 2]), np.hstack([test_pcs, test_pcs ** 2])
     scaler = StandardScaler().fit(train_pcs)
     model = LogisticRegression(max_iter=2000, C=1.0)
     model.fit(scaler.transform(train_pcs), train_labels)
@@ -194,6 +199,17 @@ def gene_correlation(normed_genes: np.ndarray) -> np.ndarray:
     return corr
 
 
+def within_type_residuals(normed_genes, cell_types) -> np.ndarray:
+    """Expression minus its cell type's mean: what is left once type identity is explained."""
+    values = dense(normed_genes).astype(np.float64)
+    cell_types = np.asarray(cell_types, dtype=str)
+    residuals = np.empty_like(values)
+    for name in np.unique(cell_types):
+        rows = cell_types == name
+        residuals[rows] = values[rows] - values[rows].mean(axis=0)
+    return residuals
+
+
 def correlation_similarity(real_corr: np.ndarray, generated_corr: np.ndarray) -> float:
     """Pearson r between the upper triangles of two gene-gene correlation matrices."""
     upper = np.triu_indices(len(real_corr), 1)
@@ -226,6 +242,10 @@ def evaluate(real_counts, real_types, generated_counts, generated_types, cell_ty
     corr_genes = top_variable_genes(real_normed, n_corr_genes)
     real_corr = gene_correlation(real_normed[:, corr_genes])
     generated_corr = gene_correlation(generated_normed[:, corr_genes])
+    # Pooled correlations are dominated by differences between types; within types they show
+    # gene programs (an independent-gene NB has none there).
+    real_within = gene_correlation(within_type_residuals(real_normed[:, corr_genes], real_types))
+    generated_within = gene_correlation(within_type_residuals(generated_normed[:, corr_genes], generated_types))
 
     r_values = np.array([v for v in per_type.values() if np.isfinite(v)])
     return {
@@ -235,12 +255,14 @@ def evaluate(real_counts, real_types, generated_counts, generated_types, cell_ty
         "per_type_mean_r_median": float(np.median(r_values)) if r_values.size else float("nan"),
         "per_type_mean_r_min": float(r_values.min()) if r_values.size else float("nan"),
         "auroc": classifier_auroc(real_hvg, generated_hvg, seed=seed, n_comps=n_comps),
+        "auroc_quadratic": classifier_auroc(real_hvg, generated_hvg, seed=seed, n_comps=n_comps, quadratic=True),
         "mmd": mmd_rbf(real_pcs, generated_pcs, bandwidth, max_points=max_mmd_cells, seed=seed),
         "mmd_real_halves": mmd_rbf(real_pcs[real_first], real_pcs[real_second], bandwidth,
                                    max_points=max_mmd_cells, seed=seed),
         "ks_library_size": ks_distance(library_sizes(real_counts), library_sizes(generated_counts)),
         "ks_zero_fraction": ks_distance(zero_fractions(real_counts), zero_fractions(generated_counts)),
         "gene_correlation_r": correlation_similarity(real_corr, generated_corr),
+        "gene_correlation_r_within_type": correlation_similarity(real_within, generated_within),
         "mean_library_size_real": float(library_sizes(real_counts).mean()),
         "mean_library_size_generated": float(library_sizes(generated_counts).mean()),
         "per_type_r": per_type,

@@ -61,7 +61,7 @@ def plot_proportions(generated: pd.DataFrame, path: Path, real: pd.Series | None
         mae = float(np.abs(generated.iloc[0].to_numpy() - series["real (test)"].to_numpy()).mean())
         title = f"{title} (MAE {mae:.4f})"
     ax.set_title(title)
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 

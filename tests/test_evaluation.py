@@ -70,6 +70,8 @@ def test_identical_sets_score_perfectly(two_draws):
     assert metrics["per_type_mean_r_median"] == pytest.approx(1.0)
     assert all(r == pytest.approx(1.0) for r in metrics["per_type_r"].values())
     assert metrics["gene_correlation_r"] == pytest.approx(1.0)
+    assert metrics["gene_correlation_r_within_type"] == pytest.approx(1.0)
+    assert metrics["auroc_quadratic"] == pytest.approx(0.5, abs=0.02)
     assert metrics["ks_library_size"] == 0.0 and metrics["ks_zero_fraction"] == 0.0
     assert metrics["proportion_mae"] == 0.0
     assert metrics["mmd"] < 0.01
@@ -92,7 +94,7 @@ def test_clearly_different_sets_are_told_apart(two_draws):
     shuffled = first[:, rng.permutation(first.shape[1])]
     metrics = evaluation.evaluate(first, types_first, shuffled, types_first, TYPES, n_top_genes=100, n_comps=10,
                                   n_corr_genes=30)
-    assert metrics["auroc"] > 0.95
+    assert metrics["auroc"] > 0.95 and metrics["auroc_quadratic"] > 0.95
     assert metrics["per_type_mean_r_median"] < 0.5
     assert metrics["mmd"] > 10 * max(metrics["mmd_real_halves"], 0.001)
     assert metrics["ks_library_size"] == 0.0  # a permutation of genes keeps every library size
@@ -106,3 +108,26 @@ def test_real_vs_real_uses_two_halves(two_draws):
     metrics = evaluation.real_vs_real(first, types_first, TYPES, n_top_genes=100, n_comps=10, n_corr_genes=30)
     assert metrics["n_real_cells"] + metrics["n_generated_cells"] == first.shape[0]
     assert metrics["auroc"] < 0.65 and metrics["per_type_mean_r_median"] > 0.9
+
+
+def test_quadratic_classifier_sees_spread_that_a_linear_one_cannot():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(600, 8))
+    wide = rng.normal(scale=2.0, size=(600, 8))  # same mean, twice the spread
+    assert evaluation.classifier_auroc(real, wide, n_comps=8) < 0.65
+    assert evaluation.classifier_auroc(real, wide, n_comps=8, quadratic=True) > 0.9
+
+
+def test_within_type_correlation_ignores_type_structure():
+    rng = np.random.default_rng(0)
+    types = np.repeat(["a", "b"], 300)
+    shift = np.where(types == "a", 0.0, 5.0)[:, None]
+    program = rng.normal(size=(600, 1))
+    correlated = shift + program + 0.3 * rng.normal(size=(600, 4))  # genes share a program within types
+    independent = shift + rng.normal(size=(600, 4))
+    within = evaluation.gene_correlation(evaluation.within_type_residuals(correlated, types))
+    assert within[np.triu_indices(4, 1)].min() > 0.8
+    within = evaluation.gene_correlation(evaluation.within_type_residuals(independent, types))
+    assert np.abs(within[np.triu_indices(4, 1)]).max() < 0.15
+    # pooled, the type shift alone makes the independent genes look correlated
+    assert evaluation.gene_correlation(independent)[0, 1] > 0.8
