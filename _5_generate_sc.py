@@ -19,7 +19,9 @@ Writes (DATA_DIR/generated/, or generated/<sample>/ per bulk sample when there a
     cells.h5ad        X = sparse int32 counts, obs cell_type / partition / sample, var_names = genes
     metrics.json      when DATA_DIR/test exists: GMVAE, NB baseline and real-vs-real metrics
     config.json       the settings of this run (generated/)
-    FIG_DIR/generated_proportions.png, generated_umap.png, generated_gene_correlation.png
+    FIG_DIR/generated_proportions.png   real vs generated proportions (every sample)
+    FIG_DIR/generated_umap.png, generated_gene_correlation.png  with DATA_DIR/test: the UMAP
+                      overlay and gene-gene correlation heatmaps of the first sample's cells
                       (suffixed _<sample> when there are several samples)
 
 Run:
@@ -226,7 +228,7 @@ def main(argv=None) -> dict:
         metrics = {"sample": str(sample), "n_cells": int(per_type.sum()), **metrics}
         summary[str(sample)] = metrics
         log_summary(str(sample), metrics)
-        if cfg.FIGURES:
+        if cfg.FIGURES and stream == 0:  # one UMAP / heatmap set: the first sample's
             draw_figures(cfg, paths, suffix, test, test_types, kept, np.asarray(cell_types)[codes],
                          baseline_counts, cell_types)
         if several:
