@@ -42,6 +42,7 @@ from models.train import (
     make_optimizer,
     save_checkpoint,
     train_epoch,
+    warm_up_classifier,
 )
 from models.utils import (
     InputError,
@@ -74,6 +75,7 @@ DEC_HIDDEN2 = 128
 LOG_INPUT = True  # log1p(counts) into the classifier and encoder (false = the original's raw counts)
 LIBRARY = False  # mean = softmax * observed library size (scVI style); generation draws a per-type log-normal
 PI_MIN = 1e-3  # skip (cell, type) pairs with pi below this (label always kept); 0 = full sum over K
+CLS_WARMUP_EPOCHS = 5  # first fit the assignment MLP alone on -log pi_label (seconds), so pi starts near the labels
 CHUNK_ELEMENTS = 1 << 22  # decoder outputs per chunk of pairs (4M floats = 16 MB per tensor): bounds memory
 EVAL_BATCH_SIZE = 256  # cells per batch for the test loss (no gradients)
 TEST_EVERY = 1  # epochs between held-out evaluations (early stopping looks only at these)
@@ -213,6 +215,11 @@ def main(argv=None):
 
     settings = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
     rng = np.random.default_rng([cfg.SEED, start_epoch])  # resumed runs shuffle differently from epoch 1
+    if start_epoch == 0 and cfg.CLS_WARMUP_EPOCHS > 0:
+        accuracy = warm_up_classifier(model, train_counts, train_codes, cfg.BATCH_SIZE, device, rng,
+                                      cfg.CLS_WARMUP_EPOCHS, cfg.LR)
+        log.info("assignment MLP warmed up for %d epochs on -log pi_label: training accuracy %.3f",
+                 cfg.CLS_WARMUP_EPOCHS, accuracy)
 
     def save(epoch: int) -> None:
         save_checkpoint(paths.gmvae_checkpoint, model, optimizer, epoch, genes, cell_types,
