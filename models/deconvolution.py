@@ -28,6 +28,7 @@ TAPE's sharp edges, each walled off here:
 - ``datatype="TPM"`` converts only the simulated data -> :func:`prepare_bulk` makes the bulk TPM;
 - its variance filter over bulk samples is NaN for a single bulk sample and drops every gene
   -> with one bulk sample that filter is skipped (documented deviation);
+- it reseeds numpy/torch's global generators (every adaptive step) -> states restored;
 - glibc heap fragmentation makes RSS climb ~0.2 GB/epoch -> ``bound_heap_fragmentation()``.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ import copy
 import io as _io
 import logging
 import os
+import random
 import tempfile
 import time
 import warnings
@@ -84,7 +86,8 @@ def tape_sandbox(workdir: str | Path, n_threads: int | None = None):
     """Run TAPE code inside a scratch folder under ``workdir`` with every global restored.
 
     Restores: cwd, warnings filters, matplotlib rcParams (``sns.set()``), open figures
-    (closes the new ones), torch thread count. TAPE's prints go to DEBUG logging.
+    (closes the new ones), torch thread count, the random/numpy/torch global RNG states.
+    TAPE's prints go to DEBUG logging.
     """
     import matplotlib
     import matplotlib.pyplot as plt
@@ -94,6 +97,9 @@ def tape_sandbox(workdir: str | Path, n_threads: int | None = None):
     workdir.mkdir(parents=True, exist_ok=True)
     figures_before = set(plt.get_fignums())
     threads_before = torch.get_num_threads()
+    # TAPE reseeds the global generators (np.random.seed in the simulation, reproducibility(0)
+    # at every adaptive step); the caller's random streams continue as if it had not run.
+    rng_states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     if n_threads is not None:
         set_torch_threads(n_threads)
     try:
@@ -112,6 +118,9 @@ def tape_sandbox(workdir: str | Path, n_threads: int | None = None):
         for number in set(plt.get_fignums()) - figures_before:
             plt.close(number)
         torch.set_num_threads(threads_before)
+        random.setstate(rng_states[0])
+        np.random.set_state(rng_states[1])
+        torch.set_rng_state(rng_states[2])
 
 
 # ============================================================================= bulk input

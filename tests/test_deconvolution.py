@@ -14,7 +14,7 @@ import torch
 import _4_deconvolve_bulk as stage4
 from models import deconvolution as tape
 from models import io
-from models.bulk import counts_to_tpm, sample_pseudobulks
+from models.bulk import counts_to_tpm
 from models.paths import Paths
 from models.utils import InputError
 
@@ -22,21 +22,11 @@ TINY = tape.TapeSettings(samplenum=60, n_cells=60, epochs=2, batch_size=16, adap
 
 
 # ----------------------------------------------------------------------------- fixtures
-def write_sctape_inputs(root, n_samples: int = 4, seed: int = 7) -> None:
-    """What _2_prepare_sctape.py leaves in DATA_DIR/sctape, built from train/ and test/."""
-    paths = Paths(root)
-    train, test = io.read_dataset(paths.train_dir), io.read_dataset(paths.test_dir)
-    paths.sctape_dir.mkdir(parents=True, exist_ok=True)
-    reference = pd.DataFrame(train.X.toarray().astype(np.int64), index=train.obs["cell_type"].astype(str).to_numpy(),
-                             columns=train.var_names)
-    reference.to_csv(paths.sctape_reference, sep="\t")
-    names = list(train.obs["cell_type"].cat.categories)
-    sums, truth, _ = sample_pseudobulks(test.X, test.obs["partition"].to_numpy(), names, n_samples, seed)
-    counts = pd.DataFrame(sums, index=truth.index, columns=test.var_names)
-    tpm, _ = counts_to_tpm(counts, io.read_gene_lengths(paths.gene_length))
-    counts.to_csv(paths.pseudobulk_counts, sep="\t")
-    tpm.to_csv(paths.pseudobulk_tpm, sep="\t")
-    truth.to_csv(paths.pseudobulk_truth)
+def write_sctape_inputs(root, n_samples: int = 4) -> None:
+    """DATA_DIR/sctape as the pipeline makes it: stage _2_ run on train/ and test/."""
+    import _2_prepare_sctape as stage2
+
+    stage2.main([f"--DATA_DIR={root}", f"--N_PSEUDOBULK={n_samples}"])
 
 
 @pytest.fixture(scope="module")
@@ -231,12 +221,19 @@ def test_sandbox_restores_globals_and_leaves_cwd_clean(tmp_path, monkeypatch):
     filters = list(warnings.filters)
     rc = dict(matplotlib.rcParams)
     threads = torch.get_num_threads()
+    torch.manual_seed(5)
+    np.random.seed(5)
+    expected_torch, expected_numpy = torch.rand(3), np.random.rand(3)
+    torch.manual_seed(5)
+    np.random.seed(5)
     TAPE = tape.import_tape()
     assert list(warnings.filters) == filters  # TAPE.model's filterwarnings("ignore") undone
     with tape.tape_sandbox(tmp_path / "work", n_threads=1):
         assert torch.get_num_threads() == 1
         TAPE.utils.showloss([3.0, 2.0, 1.0])  # sns.set() + an unclosed figure
         torch.save({"a": 1}, "model.pth")
+        TAPE.train.reproducibility(0)  # as every adaptive step does
+    assert torch.equal(torch.rand(3), expected_torch) and np.array_equal(np.random.rand(3), expected_numpy)
     assert list(warnings.filters) == filters
     assert dict(matplotlib.rcParams) == rc
     assert plt.get_fignums() == []

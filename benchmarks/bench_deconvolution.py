@@ -1,0 +1,371 @@
+"""Benchmark for stage 4 (scTAPE deconvolution): accuracy, speed and peak memory.
+
+Parts (``--PART=``, default ``all`` = zheng,finotello,lung):
+    zheng      Zheng PBMC (../shared/data/pbmc_zheng7): stratified 75/25 split (models.split),
+               TAPE trained on the 75%, pseudo-bulks of the 25% (models.bulk.sample_pseudobulks,
+               as _2_) plus one pseudo-bulk of the whole test split. Accuracy against training
+               time for several SAMPLENUM (MAE read at several epoch counts of one run: TAPE's
+               training_stage resumed on the same model and optimizer, which equals one longer
+               run); then MAE, r and CCC at stage 4's defaults for TAPE (adaptive and not) and
+               for NNLS on the reference's mean profiles.
+    finotello  the five real PBMC bulks with flow-cytometry fractions (bulk_finotello_pbmc),
+               deconvolved with the same Zheng reference; types mapped onto the flow categories
+               (MAPPING below), both renormalised over the shared categories; TAPE vs NNLS.
+    lung       timing at lung scale: synthetic 7,600 cells x 16,000 genes, 17 types, stage 4's
+               default settings: simulation, training and prediction seconds, peak RSS.
+
+Run (heavy: take the shared lock so timings do not overlap other helpers' runs):
+    flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py
+    flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=lung
+Prints figures only; asserts nothing about time.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io as _io
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.io
+import scipy.sparse as sp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import _4_deconvolve_bulk as stage4  # noqa: E402
+from models import deconvolution as tape  # noqa: E402
+from models import io  # noqa: E402
+from models.bulk import counts_to_tpm, sample_pseudobulks  # noqa: E402
+from models.config import load_config  # noqa: E402
+from models.metrics import lin_ccc, pearson_r, proportion_metrics  # noqa: E402
+from models.split import stratified_split  # noqa: E402
+from models.utils import bound_heap_fragmentation, peak_rss_mb, set_seed, set_torch_threads, setup_logging  # noqa: E402
+
+log = logging.getLogger("bench.deconvolution")
+
+# -----------------------------------------------------------------------------
+PART = "all"  # all (= zheng,finotello,lung) or a comma-separated subset
+SHARED = str(REPO.parent / "shared" / "data")  # real data beside the checkout
+SEED = 0  # TAPE seed and split seed offset
+SPLIT_SEED = 123  # models.split default, as _1_
+N_PSEUDOBULKS = 20  # pseudo-bulks of the Zheng test split (as _2_ draws them)
+THREADS = 2  # torch threads: the target machine has 2 cores
+SAMPLENUM = stage4.SAMPLENUM  # defaults under test come from the stage script
+N_CELLS = stage4.N_CELLS
+EPOCHS = stage4.EPOCHS
+BATCH_SIZE = stage4.BATCH_SIZE
+PART_SWEEP = True  # zheng: also the other SWEEP_SAMPLENUM values (else only the defaults)
+SWEEP_SAMPLENUM = [1000, 2000, 4000]  # simulated training bulks tried in the sweep
+SWEEP_EPOCHS = [16, 32, 64, 128]  # MAE read after these many epochs of one run
+SWEEP_MAX_SAMPLE_EPOCHS = 520_000  # skip sweep points beyond this many samples x epochs (time)
+LUNG_EPOCHS = 0  # lung timing: 0 = EPOCHS; fewer gives the per-epoch cost quickly
+LUNG_CELLS = 7600  # lung scale (GSE130148 after QC: ~7,600 train cells, 17 clusters, ~16,000 genes)
+LUNG_GENES = 16000
+LUNG_TYPES = 17
+# -----------------------------------------------------------------------------
+
+# Zheng sorted populations -> Finotello flow-cytometry categories (mDC, Neutrophils and Other
+# have no counterpart in the reference and are left out; truth is renormalised over the rest).
+MAPPING = {
+    "CD4TCM": "T cells CD4 conv", "CD4TN": "T cells CD4 conv", "CD4Treg": "Tregs",
+    "CD8TN": "T cells CD8", "B": "B cells", "NK": "NK cells", "Monocyte": "Monocytes",
+}
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {THREADS}, "
+            f"load avg {os.getloadavg()[0]:.1f}")
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def timed(name: str, out: dict):
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    yield
+    out[name] = time.perf_counter() - wall
+    out[name + "_cpu"] = cpu_seconds() - cpu
+
+
+def scores(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    overall = proportion_metrics(pred, truth).loc["overall"]
+    return {"mae": overall["mae"], "rmse": overall["rmse"], "r": overall["pearson_r"], "ccc": overall["ccc"]}
+
+
+# ----------------------------------------------------------------------------- data
+def load_zheng(shared: Path):
+    folder = shared / "pbmc_zheng7"
+    counts = sp.csr_matrix(scipy.io.mmread(str(folder / "matrix.mtx.gz"))).T.tocsr()  # cells x genes
+    genes = io.read_lines(folder / "genes.tsv")
+    barcodes = io.read_lines(folder / "barcodes.tsv")
+    labels = pd.read_csv(folder / "celltypes.csv").set_index("barcode").loc[barcodes, "cell_type"].astype(str)
+    return counts, genes, labels.to_numpy()
+
+
+def zheng_setup(cfg):
+    shared = Path(cfg.SHARED)
+    counts, genes, labels = load_zheng(shared)
+    lengths = io.read_gene_lengths(shared / "gene_length_hg19.csv.gz")
+    train, test = stratified_split(labels, 0.25, seed=cfg.SPLIT_SEED)
+    codes, names = io.encode_labels(labels)
+    reference = pd.DataFrame(counts[train].toarray().astype(np.float32), index=labels[train], columns=genes)
+    sums, truth, _ = sample_pseudobulks(counts[test], codes[test], names, cfg.N_PSEUDOBULKS, cfg.SEED)
+    bulk_counts = pd.DataFrame(sums, index=truth.index, columns=genes)
+    whole = pd.DataFrame(np.asarray(counts[test].sum(axis=0)), index=["whole_test"], columns=genes)
+    whole_truth = pd.DataFrame([np.bincount(codes[test], minlength=len(names)) / len(test)],
+                               index=["whole_test"], columns=names)
+    bulk_counts = pd.concat([bulk_counts, whole])
+    truth = pd.concat([truth, whole_truth])
+    bulk_tpm, _ = tape.prepare_bulk(bulk_counts, "counts", genes, lengths, 1000, "zheng pseudo-bulks")
+    log.info("Zheng: %d train cells, %d test cells, %d genes, %d types", len(train), len(test), len(genes), len(names))
+    return reference, lengths, bulk_tpm, truth
+
+
+def settings_from(cfg, **override) -> tape.TapeSettings:
+    values = dict(samplenum=cfg.SAMPLENUM, n_cells=cfg.N_CELLS, epochs=cfg.EPOCHS, batch_size=cfg.BATCH_SIZE,
+                  adaptive=True, seed=cfg.SEED)
+    values.update(override)
+    return tape.TapeSettings(**values)
+
+
+def nnls_mass_corrected(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, lengths: pd.Series) -> pd.DataFrame:
+    """NNLS of each bulk on the types' mean length-normalised profiles, one common scale.
+
+    Unlike per-type TPM profiles (which estimate mRNA fractions), keeping each type's mean
+    counts per cell makes the weights cell fractions, the quantity TAPE and the truth report.
+    """
+    from scipy.optimize import nnls
+
+    means = reference.groupby(level=0, sort=True).mean()
+    genes = means.columns.intersection(lengths.index).intersection(bulk_tpm.columns)
+    profiles = means[genes].to_numpy(np.float64) / lengths.loc[genes].to_numpy()[None, :]
+    profiles *= 1e6 / profiles.sum(axis=1).mean()
+    rows = []
+    for sample in bulk_tpm.index:
+        target = bulk_tpm.loc[sample, genes].to_numpy(np.float64)
+        target *= 1e6 / target.sum()
+        weights, _ = nnls(profiles.T, target)
+        rows.append(weights / weights.sum())
+    return pd.DataFrame(np.vstack(rows), index=bulk_tpm.index, columns=[str(c) for c in means.index])
+
+
+# ----------------------------------------------------------------------------- parts
+def map_to_flow(pred: pd.DataFrame, shared: list[str]) -> pd.DataFrame:
+    mapped = pred.T.groupby(pd.Series(pred.columns.map(MAPPING), index=pred.columns)).sum().T
+    mapped = mapped[shared]
+    return mapped.div(mapped.sum(axis=1), axis=0)
+
+
+def part_finotello(cfg, results: dict, cache: dict) -> None:
+    shared_dir = Path(cfg.SHARED)
+    reference, lengths, _, _ = cache.setdefault("zheng", zheng_setup(cfg))
+    counts = pd.read_csv(shared_dir / "bulk_finotello_pbmc" / "bulk_counts.tsv.gz", sep="\t", index_col=0)
+    facs = pd.read_csv(shared_dir / "bulk_finotello_pbmc" / "facs_fractions.csv", index_col=0)
+    bulk_tpm, report = tape.prepare_bulk(counts, "counts", reference.columns, lengths, 1000, "finotello bulk")
+    categories = sorted(set(MAPPING.values()))
+    truth = facs[categories].div(facs[categories].sum(axis=1), axis=0)
+    settings = settings_from(cfg)
+    simulated = cache.get("zheng_simulated")
+    times = {}
+    with timed("train", times):
+        fit = tape.fit_tape(reference, bulk_tpm, lengths, settings, "/tmp/bench_tape", THREADS,
+                            simulated=None if simulated is None else simulated.copy())
+    ckpt = tape.checkpoint_dict(fit)
+    plain = tape.predict_proportions(ckpt, bulk_tpm, adaptive=False, model=fit.model, n_threads=THREADS)
+    with timed("predict_adaptive", times):
+        adaptive = tape.predict_proportions(ckpt, bulk_tpm, adaptive=True, model=fit.model, n_threads=THREADS,
+                                            workdir="/tmp/bench_tape")
+    nnls_tpm = tape.nnls_proportions(reference, bulk_tpm, lengths)
+    nnls_cells = nnls_mass_corrected(reference, bulk_tpm, lengths)
+    print(f"\n## (b) Finotello real PBMC bulks ({len(bulk_tpm)} samples, {report.n_shared_reference} genes shared with "
+          f"the Zheng reference, {len(fit.genes)} used), flow-cytometry truth over {categories}")
+    print("mapping: " + ", ".join(f"{k} -> {v}" for k, v in MAPPING.items()) +
+          "; mDC, Neutrophils, Other left out; truth and predictions renormalised over the shared categories")
+    print(f"train {times['train']:.0f} s (with the Zheng simulation reused), adaptive predict {times['predict_adaptive']:.0f} s")
+    print("| method | MAE | r | CCC | per-sample r (min..max) |")
+    print("|---|---|---|---|---|")
+    for name, pred in [("TAPE adaptive", adaptive), ("TAPE non-adaptive", plain),
+                       ("NNLS, per-type TPM profiles", nnls_tpm), ("NNLS, cell-scaled profiles", nnls_cells)]:
+        mapped = map_to_flow(pred, categories)
+        table = proportion_metrics(mapped, truth)
+        o = table.loc["overall"]
+        per = table.drop(index="overall")["pearson_r"]
+        print(f"| {name} | {o['mae']:.4f} | {o['pearson_r']:.3f} | {o['ccc']:.3f} | {per.min():.2f}..{per.max():.2f} |")
+        results[f"finotello/{name}"] = {"mae": o["mae"], "r": o["pearson_r"], "ccc": o["ccc"]}
+        if name == "TAPE adaptive":
+            cache["finotello_tape"] = mapped
+    print("TAPE adaptive, mapped (rows: samples):")
+    print(cache["finotello_tape"].round(3).to_string())
+    print("flow truth, renormalised:")
+    print(truth.round(3).to_string())
+
+
+def lung_like(cfg):
+    """Synthetic NB counts at lung scale: 17 types of unequal size, ~90% zeros, long-tailed genes."""
+    rng = np.random.default_rng(cfg.SEED)
+    n_cells = int(round(cfg.LUNG_CELLS / 0.75))  # the 75% training split is the reference
+    sizes = rng.dirichlet(np.full(cfg.LUNG_TYPES, 2.0)) * n_cells
+    sizes = np.maximum(np.round(sizes).astype(int), 30)
+    labels = np.repeat(np.arange(cfg.LUNG_TYPES), sizes)[:n_cells]
+    base = rng.lognormal(-2.3, 1.6, cfg.LUNG_GENES)
+    effects = rng.lognormal(0.0, 0.8, (cfg.LUNG_TYPES, cfg.LUNG_GENES))
+    library = rng.lognormal(0.0, 0.4, len(labels)).astype(np.float32)
+    counts = np.empty((len(labels), cfg.LUNG_GENES), dtype=np.float32)
+    for k in range(cfg.LUNG_TYPES):
+        rows = np.flatnonzero(labels == k)
+        mu = (base * effects[k])[None, :] * library[rows, None]
+        counts[rows] = rng.poisson(rng.gamma(2.0, mu / 2.0))
+    genes = [f"G{i}" for i in range(cfg.LUNG_GENES)]
+    names = np.array([f"type{k:02d}" for k in range(cfg.LUNG_TYPES)])[labels]
+    lengths = pd.Series(rng.integers(500, 50_000, cfg.LUNG_GENES).astype(np.float64), index=genes)
+    return counts, genes, names, lengths
+
+
+def part_lung(cfg, results: dict, cache: dict) -> None:
+    counts, genes, names, lengths = lung_like(cfg)
+    log.info("lung-like: %d cells x %d genes, %.1f%% zeros", *counts.shape, 100 * (counts == 0).mean())
+    train, test = stratified_split(names, 0.25, seed=cfg.SPLIT_SEED)
+    codes, order = io.encode_labels(names)
+    reference = pd.DataFrame(counts[train], index=names[train], columns=genes)
+    sums, truth, _ = sample_pseudobulks(sp.csr_matrix(counts[test]), codes[test], order, 5, cfg.SEED)
+    bulk_tpm, _ = counts_to_tpm(pd.DataFrame(sums, index=truth.index, columns=genes), lengths)
+    del counts
+    settings = settings_from(cfg, epochs=cfg.LUNG_EPOCHS or cfg.EPOCHS)
+    times = {}
+    rss_before = peak_rss_mb()
+    with timed("simulate", times):
+        simulated = tape.simulate_bulks(reference, settings, "/tmp/bench_tape", THREADS)
+    with timed("train", times):
+        fit = tape.fit_tape(reference, bulk_tpm, lengths, settings, "/tmp/bench_tape", THREADS, simulated=simulated)
+    ckpt = tape.checkpoint_dict(fit)
+    with timed("predict_adaptive", times):
+        pred = tape.predict_proportions(ckpt, bulk_tpm, adaptive=True, model=fit.model, n_threads=THREADS,
+                                        workdir="/tmp/bench_tape")
+    s = scores(pred, truth)
+    print(f"\n## (c) lung scale, synthetic: reference {reference.shape[0]} cells x {reference.shape[1]} genes, "
+          f"{cfg.LUNG_TYPES} types; {len(fit.genes)} genes used; settings {settings}")
+    print(f"simulate {times['simulate']:.0f} s (cpu {times['simulate_cpu']:.0f}), train {times['train']:.0f} s "
+          f"(cpu {times['train_cpu']:.0f}), adaptive predict of 5 bulks {times['predict_adaptive']:.0f} s; "
+          f"peak RSS {peak_rss_mb():.0f} MB (before this part {rss_before:.0f} MB); "
+          f"synthetic pseudo-bulk MAE {s['mae']:.4f} (easy synthetic types, not a lung accuracy figure)")
+    results["lung"] = {**times, "peak_rss_mb": peak_rss_mb(), **s}
+
+
+def part_zheng(cfg, results: dict, cache: dict) -> None:
+    """Accuracy against training time on the Zheng split; the default settings' row gets baselines.
+
+    For each SAMPLENUM one simulation and one training run (TAPE's ``train_model`` unrolled:
+    same loader, model, Adam and seed, so the row at EPOCHS equals ``fit_tape``), scored without
+    the adaptive stage after each of SWEEP_EPOCHS and with it after the last.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    TAPE = tape.import_tape()
+    reference, lengths, bulk_tpm, truth = cache.setdefault("zheng", zheng_setup(cfg))
+    pseudo = [s for s in truth.index if s != "whole_test"]
+    sweep = sorted(set(cfg.SWEEP_SAMPLENUM) | {cfg.SAMPLENUM}) if cfg.PART_SWEEP else [cfg.SAMPLENUM]
+    print(f"\n## (a) Zheng PBMC: {reference.shape[0]} train cells (7 sorted types), {len(pseudo)} pseudo-bulks of "
+          f"the 25% test split + 1 of the whole test split; batch {cfg.BATCH_SIZE}, n_cells {cfg.N_CELLS}, "
+          f"{THREADS} threads. MAE/CCC over the {len(pseudo)} pseudo-bulks after E epochs of one run")
+    print("| samplenum | epochs | simulate s | train s (cumulative) | samples x epochs | MAE non-adaptive | "
+          "MAE adaptive | CCC adaptive | adaptive s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    default = None
+    for samplenum in sweep:
+        settings = settings_from(cfg, samplenum=samplenum)
+        t0 = time.perf_counter()
+        simulated = tape.simulate_bulks(reference, settings, "/tmp/bench_tape", THREADS)
+        sim_s = time.perf_counter() - t0
+        train_tpm = tape.simulated_tpm(simulated, lengths)
+        genes = tape.select_genes(train_tpm, bulk_tpm, settings.variance_threshold)
+        x, y = tape.scale_samples(train_tpm, genes), simulated.obs.to_numpy(np.float64)
+        ckpt = {"genes": genes, "cell_types": [str(c) for c in simulated.obs.columns]}
+        if samplenum == cfg.SAMPLENUM:
+            cache["zheng_simulated"] = simulated
+        del train_tpm, simulated
+        set_torch_threads(THREADS)
+        TAPE.train.reproducibility(settings.seed)
+        loader = DataLoader(TAPE.model.simdatset(x, y), batch_size=settings.batch_size, shuffle=True)
+        model = TAPE.model.AutoEncoder(x.shape[1], y.shape[1])
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        epochs_list = sorted(set(e for e in cfg.SWEEP_EPOCHS if samplenum * e <= cfg.SWEEP_MAX_SAMPLE_EPOCHS)
+                             | ({cfg.EPOCHS} if samplenum == cfg.SAMPLENUM else set()))
+        done, train_s = 0, 0.0
+        for epochs in epochs_list:
+            t0 = time.perf_counter()
+            with contextlib.redirect_stderr(_io.StringIO()):
+                TAPE.train.training_stage(model, loader, optimizer, epochs=epochs - done)
+            train_s += time.perf_counter() - t0
+            done = epochs
+            plain = tape.predict_proportions(ckpt, bulk_tpm, adaptive=False, model=model)
+            sp_ = scores(plain, truth.loc[pseudo])
+            row = f"| {samplenum} | {epochs} | {sim_s:.0f} | {train_s:.0f} | {samplenum * epochs:,} | {sp_['mae']:.4f} |"
+            result = {"train_s": train_s, "mae_plain": sp_["mae"]}
+            if epochs == epochs_list[-1] or (samplenum == cfg.SAMPLENUM and epochs == cfg.EPOCHS):
+                t0 = time.perf_counter()
+                adapt = tape.predict_proportions(ckpt, bulk_tpm, adaptive=True, model=model, n_threads=THREADS,
+                                                 workdir="/tmp/bench_tape")
+                adapt_s = time.perf_counter() - t0
+                sa = scores(adapt, truth.loc[pseudo])
+                row += f" {sa['mae']:.4f} | {sa['ccc']:.3f} | {adapt_s:.0f} |"
+                result.update(mae_adaptive=sa["mae"], ccc_adaptive=sa["ccc"], adaptive_s=adapt_s)
+                if samplenum == cfg.SAMPLENUM and epochs == cfg.EPOCHS:
+                    default = (plain, adapt, train_s, sim_s, len(genes))
+            else:
+                row += " | | |"
+            print(row, flush=True)
+            model.train()
+            model.state = "train"
+            results[f"sweep/{samplenum}/{epochs}"] = result
+        del model, optimizer, loader, x
+    plain, adapt, train_s, sim_s, n_genes = default
+    nnls_tpm = tape.nnls_proportions(reference, bulk_tpm, lengths)
+    nnls_cells = nnls_mass_corrected(reference, bulk_tpm, lengths)
+    print(f"\ndefault settings SAMPLENUM={cfg.SAMPLENUM} EPOCHS={cfg.EPOCHS} on Zheng ({n_genes} genes): "
+          f"simulate {sim_s:.0f} s, train {train_s:.0f} s")
+    print("| method | MAE (pseudo-bulks) | RMSE | r | CCC | MAE, 1 pseudo-bulk of the whole test split |")
+    print("|---|---|---|---|---|---|")
+    for name, pred in [("TAPE adaptive", adapt), ("TAPE non-adaptive", plain),
+                       ("NNLS, per-type TPM profiles", nnls_tpm), ("NNLS, cell-scaled profiles", nnls_cells)]:
+        s = scores(pred, truth.loc[pseudo])
+        w = scores(pred, truth.loc[["whole_test"]])
+        print(f"| {name} | {s['mae']:.4f} | {s['rmse']:.4f} | {s['r']:.3f} | {s['ccc']:.3f} | {w['mae']:.4f} |")
+        results[f"zheng/{name}"] = s
+
+
+def main(argv=None) -> dict:
+    global THREADS
+    cfg = load_config(globals(), argv)
+    setup_logging(logging.WARNING)
+    THREADS = cfg.THREADS
+    set_seed(cfg.SEED)
+    set_torch_threads(THREADS)
+    bound_heap_fragmentation()
+    print(f"# bench_deconvolution  command: {' '.join([sys.executable, *sys.argv])}")
+    print(f"machine: {machine()}; defaults under test: SAMPLENUM={cfg.SAMPLENUM} N_CELLS={cfg.N_CELLS} "
+          f"EPOCHS={cfg.EPOCHS} BATCH_SIZE={cfg.BATCH_SIZE}")
+    parts = {"zheng": part_zheng, "finotello": part_finotello, "lung": part_lung}
+    chosen = ["zheng", "finotello", "lung"] if cfg.PART == "all" else cfg.PART.split(",")
+    results, cache = {}, {}
+    for name in chosen:
+        start = time.perf_counter()
+        parts[name](cfg, results, cache)
+        print(f"[{name}: {time.perf_counter() - start:.0f} s wall, peak RSS {peak_rss_mb():.0f} MB, "
+              f"load avg {os.getloadavg()[0]:.1f}]", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
