@@ -26,9 +26,10 @@ TINY_ARGS = {
     "_1_split_train_test.py": ["--MIN_GENES=10", "--MAX_COUNTS=100000", "--MAX_GENES=100000", "--N_PCS=10",
                                "--N_TOP_GENES=100", "--UMAP_FIGURE=false"],
     "_2_prepare_sctape.py": ["--N_PSEUDOBULK=3"],
-    "_3_train_gmvae.py": None,  # filled in by the GMVAE work
-    "_4_deconvolve_bulk.py": None,
-    "_5_generate_sc.py": None,
+    "_3_train_gmvae.py": ["--EPOCHS=2", "--BATCH_SIZE=64", "--CLS_WARMUP_EPOCHS=1", "--DEVICE=cpu"],
+    "_4_deconvolve_bulk.py": ["--SAMPLENUM=60", "--N_CELLS=20", "--EPOCHS=2", "--ADAPTIVE=false",
+                              "--MIN_SHARED_GENES=50"],
+    "_5_generate_sc.py": ["--UMAP=false", "--N_TOP_GENES=100", "--N_PCS=5", "--N_CORR_GENES=20"],
 }
 
 
@@ -98,13 +99,34 @@ def test_pipeline_end_to_end(chain_dir, tmp_path, monkeypatch):
     assert list(reference.index) == list(train.obs["cell_type"].astype(str))
     np.testing.assert_array_equal(reference.to_numpy(), train.X.toarray())
 
-    # _3_, _4_, _5_ when their work has landed
-    for script in ["_3_train_gmvae.py", "_4_deconvolve_bulk.py", "_5_generate_sc.py"]:
-        if TINY_ARGS[script] is None:
-            pytest.skip(f"{script}: not yet wired into the end-to-end test")
-        _run(script, chain_dir, fig_dir)
-    assert (paths.generated_dir / "matrix.mtx").exists() or any(paths.generated_dir.glob("*/matrix.mtx"))
-    assert list(tmp_path.iterdir()) == [fig_dir] or not any(p.name != "fig" for p in tmp_path.iterdir())
+    # _3_: a checkpoint that loads with weights_only=True, and a history row per epoch
+    _run("_3_train_gmvae.py", chain_dir, fig_dir)
+    import torch
+
+    checkpoint = torch.load(paths.gmvae_checkpoint, weights_only=True)
+    assert checkpoint["genes"] == list(train.var_names)
+    assert checkpoint["cell_types"] == ["alpha", "beta", "gamma"]
+    assert len(pd.read_csv(paths.gmvae_history)) == checkpoint["epoch"] >= 1
+
+    # _4_: proportions for the three pseudo-bulks, scored against their truth
+    _run("_4_deconvolve_bulk.py", chain_dir, fig_dir)
+    proportions = pd.read_csv(paths.proportions, index_col=0)
+    assert list(proportions.index) == list(truth.index)
+    assert list(proportions.columns) == ["alpha", "beta", "gamma"]
+    np.testing.assert_allclose(proportions.sum(axis=1), 1.0, atol=1e-5)
+    assert paths.deconvolution_metrics.exists() and (fig_dir / "proportions_scatter.png").exists()
+
+    # _5_: cells for each bulk sample, in the reference's file layout, plus held-out metrics
+    _run("_5_generate_sc.py", chain_dir, fig_dir)
+    matrices = sorted(paths.generated_dir.glob("*/matrix.mtx")) or [paths.generated_dir / "matrix.mtx"]
+    assert len(matrices) == 3
+    for matrix_path in matrices:
+        generated = io.read_dataset(matrix_path.parent, prefer_h5ad=False)
+        assert generated.n_obs == test.n_obs  # N_CELLS defaults to the test set's size
+        assert list(generated.var_names) == list(train.var_names)
+        io.check_counts(generated.X, matrix_path)
+    assert paths.generated_metrics.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["fig"]  # nothing written into the current directory
 
 
 def test_split_with_leiden_clusters(chain_dir, tmp_path):
