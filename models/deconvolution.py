@@ -301,12 +301,12 @@ def align_genes(bulk_tpm: pd.DataFrame, genes: list[str], min_shared_genes: int,
 class TapeSettings:
     """Knobs of TAPE's simulation and training (names as in TAPE where it has them)."""
 
-    samplenum: int = 4000  # simulated bulk samples
+    samplenum: int = 2000  # simulated bulk samples
     n_cells: int = 500  # cells per simulated sample (TAPE's ``n``)
-    epochs: int = 128
+    epochs: int = 64
     batch_size: int = 128
     variance_threshold: float = 0.98
-    adaptive: bool = True
+    adaptive: bool = False
     sparse: bool = True  # half the simulated samples get half the types set to zero
     seed: int = 0
 
