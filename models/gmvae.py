@@ -184,13 +184,17 @@ class GMVAE(nn.Module):
 
     # ------------------------------------------------------------------ objective
     def forward(self, batch: Batch, pi_min: float = 0.0, generator: torch.Generator | None = None,
-                sample_z: bool = True) -> dict[str, torch.Tensor]:
+                sample_z: bool = True, pi_grad: bool = True) -> dict[str, torch.Tensor]:
         """Per-cell loss parts [B]: ``loss = recon + kl_z + kl_pi``.
 
         ``recon`` = sum_k pi_k * (-log p(x | z_k)), ``kl_z`` = sum_k pi_k * KL(q_k || p_k),
         ``kl_pi`` = -log pi_label. Also ``nelbo_label`` (-ELBO under the labelled type alone, an
         upper bound on -log p(x | label)), ``skipped_mass`` (pi mass of skipped pairs), ``pairs``
         (components evaluated per cell) and ``log_pi`` [B, K].
+
+        ``pi_grad=False`` detaches pi where it weights the mixture terms: the loss value is the
+        same, but the assignment MLP then learns from -log pi_label alone (the original lets the
+        reconstruction terms pull pi too, which early in training scrambles it; see README).
         """
         n_cells = batch.dense.shape[0]
         log_pi = torch.log_softmax(self.class_logits(batch.dense), dim=-1)
@@ -216,7 +220,7 @@ class GMVAE(nn.Module):
             z = q_mu
         nll = -self.log_likelihood_pairs(batch, rows, z)
 
-        weight = pi[rows, types]
+        weight = pi[rows, types] if pi_grad else pi.detach()[rows, types]
         zeros = torch.zeros(n_cells, device=pi.device, dtype=pi.dtype)
         recon = zeros.index_add(0, rows, weight * nll)
         kl_z = zeros.index_add(0, rows, weight * kl)
@@ -227,9 +231,10 @@ class GMVAE(nn.Module):
         return dict(loss=recon + kl_z + kl_pi, recon=recon, kl_z=kl_z, kl_pi=kl_pi, nelbo_label=nelbo_label,
                     skipped_mass=skipped, pairs=pairs, log_pi=log_pi.detach())
 
-    def loss(self, batch: Batch, pi_min: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(self, batch: Batch, pi_min: float = 0.0, generator: torch.Generator | None = None,
+             pi_grad: bool = True) -> torch.Tensor:
         """Mean per-cell loss of a batch (the training objective)."""
-        return self(batch, pi_min=pi_min, generator=generator)["loss"].mean()
+        return self(batch, pi_min=pi_min, generator=generator, pi_grad=pi_grad)["loss"].mean()
 
     def init_from_data(self, gene_means) -> None:
         """Start the mean head at each gene's average count (bias = log mean), so the first

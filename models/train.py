@@ -107,13 +107,13 @@ def warm_up_classifier(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, 
 
 def train_epoch(model: GMVAE, optimizer, counts: sp.csr_matrix, labels: np.ndarray, batch_size: int,
                 device, rng: np.random.Generator, pi_min: float, epoch: int,
-                progress: Callable[[], None] | None = None) -> dict[str, float]:
+                progress: Callable[[], None] | None = None, pi_grad: bool = True) -> dict[str, float]:
     """One pass over the training cells in a shuffled order; returns mean loss parts and accuracy."""
     model.train()
     sums = dict.fromkeys(LOSS_PARTS, 0.0)
     correct = 0
     for batch in iterate_batches(counts, labels, batch_size, device, order=rng.permutation(counts.shape[0])):
-        out = model(batch, pi_min=pi_min)
+        out = model(batch, pi_min=pi_min, pi_grad=pi_grad)
         loss = out["loss"].mean()
         if not torch.isfinite(loss):
             raise TrainingDiverged(

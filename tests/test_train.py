@@ -158,3 +158,18 @@ def test_input_errors_name_the_file_and_fix(data_dir, tmp_path):
         sio.mmwrite(handle, sp.coo_matrix(fractional.X.T))
     with pytest.raises(InputError, match="not integers"):
         run(data_dir, "--EPOCHS=1")
+
+
+def test_classifier_warm_up_learns_the_labels(tiny_adata):
+    from models.train import evaluate, warm_up_classifier
+
+    torch.manual_seed(0)
+    counts = tiny_adata.X.tocsr()
+    labels = tiny_adata.obs["partition"].to_numpy()
+    model = GMVAE(**{**TINY, "n_genes": counts.shape[1], "n_types": 3}, log_input=True)
+    before = evaluate(model, counts, labels, 64, "cpu")["accuracy"]
+    decoder_before = model.dec_mean.weight.clone()
+    accuracy = warm_up_classifier(model, counts, labels, 64, "cpu", np.random.default_rng(0), epochs=20, lr=1e-2)
+    after = evaluate(model, counts, labels, 64, "cpu")
+    assert accuracy > 0.9 and after["accuracy"] > max(before, 0.9)
+    assert torch.equal(model.dec_mean.weight, decoder_before)  # only the assignment MLP moved
