@@ -69,7 +69,7 @@ from models import io  # noqa: E402
 from models.paths import Paths  # noqa: E402
 
 SMALL = ["--Z_DIM=4", "--ENC_HIDDEN1=16", "--ENC_HIDDEN2=8", "--CLS_HIDDEN=16", "--PRIOR_HIDDEN=8",
-         "--DEC_HIDDEN1=8", "--DEC_HIDDEN2=16", "--BATCH_SIZE=64", "--PATIENCE=100"]
+         "--DEC_HIDDEN1=8", "--DEC_HIDDEN2=16", "--BATCH_SIZE=64", "--PATIENCE=100", "--CLS_WARMUP_EPOCHS=1"]
 
 
 @pytest.fixture()
