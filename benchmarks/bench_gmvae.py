@@ -53,6 +53,7 @@ OURS_BATCHES = 6  # batches timed for ours, after one warm-up
 DEFAULT_BATCH = 128  # _3_train_gmvae.py's BATCH_SIZE
 DEFAULT_PI_MIN = 1e-3  # _3_train_gmvae.py's PI_MIN
 PI_GRAD = False  # _3_train_gmvae.py's PI_GRAD
+LOG_INPUT = False  # _3_train_gmvae.py's LOG_INPUT
 CLS_WARMUP_EPOCHS = 5  # _3_train_gmvae.py's CLS_WARMUP_EPOCHS
 LR = 1e-3  # _3_train_gmvae.py's LR
 PATIENCE = 5  # _3_train_gmvae.py's early stopping
@@ -169,7 +170,7 @@ def worker(job: dict, cfg) -> dict:
 
         result["s_per_batch"] = _time_steps(step, job["n_batches"])
     elif kind == "ours":
-        model = GMVAE(counts.shape[1], n_types, log_input=True)
+        model = GMVAE(counts.shape[1], n_types, log_input=LOG_INPUT)
         model.init_from_data(np.asarray(train.mean(axis=0)).ravel())
         if job.get("state"):
             model.load_state_dict(torch.load(job["state"], weights_only=True))
@@ -188,7 +189,7 @@ def worker(job: dict, cfg) -> dict:
         result["s_per_batch"] = _time_steps(step, job["n_batches"])
         result["pairs_per_cell"] = float(np.mean(pairs))
     elif kind == "plateau":
-        model = GMVAE(counts.shape[1], n_types, log_input=True)
+        model = GMVAE(counts.shape[1], n_types, log_input=LOG_INPUT)
         model.init_from_data(np.asarray(train.mean(axis=0)).ravel())
         model.set_library_prior(*library_prior(train, train_labels, n_types))
         optimizer = make_optimizer(model, LR)
