@@ -55,22 +55,6 @@ TORCH_THREADS = 0  # 0 = one per core; TAPE's speed scales with threads on 2 cor
 # -----------------------------------------------------------------------------
 
 
-def read_type_order(path) -> list[str]:
-    """Cell-type names in code order (``partition``) from a clusters.csv."""
-    require_files([path], "_1_split_train_test.py")
-    clusters = pd.read_csv(path)
-    if "cell_type" not in clusters:
-        if "partition" not in clusters:
-            raise InputError(f"{path}: needs a 'cell_type' or 'partition' column")
-        return io.type_order(clusters["partition"].astype(str))
-    if "partition" not in clusters:
-        return io.type_order(clusters["cell_type"].astype(str))
-    pairs = clusters[["partition", "cell_type"]].drop_duplicates().sort_values("partition")
-    if pairs["partition"].duplicated().any() or pairs["cell_type"].duplicated().any():
-        raise InputError(f"{path}: 'partition' and 'cell_type' do not map one to one")
-    return pairs["cell_type"].astype(str).tolist()
-
-
 def read_reference(path) -> pd.DataFrame:
     """TAPE's reference table: cells x genes counts (float32), index = cell-type name."""
     reference = pd.read_csv(path, sep="\t", index_col=0)
@@ -123,7 +107,7 @@ def main(argv=None) -> pd.DataFrame:
     require_files([paths.gene_length], "_0_download_data.py")
     if default_bulk:
         require_files([bulk_path], "_2_prepare_sctape.py")
-    type_names = read_type_order(paths.train_dir / CLUSTERS)
+    type_names = io.read_type_order(paths.train_dir / CLUSTERS)
     gene_lengths = io.read_gene_lengths(paths.gene_length)
 
     if cfg.RETRAIN:

@@ -248,15 +248,8 @@ def prior_decode(model, codes: torch.Tensor, generator: torch.Generator, noise_s
     The same draws, in the same order, as ``GMVAE.sample_counts`` makes before its count
     sampling: z = prior mean + noise_scale * prior sd * eps, then the library when the model has one.
     """
-    device, rand_device = model.onehot.device, torch.device(generator.device)
-    codes = codes.to(device)
-    p_mu, p_logvar = model.prior_params()
-    eps = torch.randn((len(codes), model.z_dim), generator=generator, device=rand_device).to(device)
-    z = p_mu[codes] + noise_scale * torch.exp(0.5 * p_logvar[codes]) * eps
-    log_library = None
-    if model.library:
-        eps_lib = torch.randn(len(codes), generator=generator, device=rand_device).to(device)
-        log_library = model.lib_loc[codes] + model.lib_scale[codes] * eps_lib
+    codes = codes.to(model.onehot.device)
+    z, log_library = model.draw_prior(codes, generator, noise_scale)
     return model.decode(z, log_library)
 
 

@@ -258,6 +258,23 @@ class GMVAE(nn.Module):
         return ZeroInflatedNegativeBinomial(log_mu.exp(), log_theta.exp(), zi_logits)
 
     @torch.no_grad()
+    def draw_prior(self, codes: torch.Tensor, generator: torch.Generator, noise_scale: float = 1.0,
+                   prior=None):
+        """(z [N, Z], log library [N] or None) for cells of types ``codes`` (on the model's device).
+
+        z = prior mean + noise_scale * prior sd * eps, then the library draw when the model has
+        one; the one place these draws are made, so every sampler sees the same cells.
+        """
+        device, rand_device = codes.device, torch.device(generator.device)
+        p_mu, p_logvar = prior if prior is not None else self.prior_params()
+        eps = torch.randn((len(codes), self.z_dim), generator=generator, device=rand_device).to(device)
+        z = p_mu[codes] + noise_scale * torch.exp(0.5 * p_logvar[codes]) * eps
+        log_library = None
+        if self.library:
+            eps_lib = torch.randn(len(codes), generator=generator, device=rand_device).to(device)
+            log_library = self.lib_loc[codes] + self.lib_scale[codes] * eps_lib
+        return z, log_library
+
     def sample_counts(self, type_codes: torch.Tensor, generator: torch.Generator,
                       noise_scale: float = 1.0, chunk_cells: int | None = None) -> torch.Tensor:
         """Integer-valued counts [N, G] (float32, CPU) for cells of the given type codes.
@@ -267,7 +284,6 @@ class GMVAE(nn.Module):
         ``generator`` (its device is where the draws happen), so one seed gives the same cells.
         """
         device = self.onehot.device
-        rand_device = torch.device(generator.device)
         type_codes = torch.as_tensor(type_codes, dtype=torch.int64)
         if type_codes.numel() and (int(type_codes.min()) < 0 or int(type_codes.max()) >= self.n_types):
             raise ValueError(f"type codes must lie in 0..{self.n_types - 1}")
@@ -276,12 +292,7 @@ class GMVAE(nn.Module):
         out = torch.empty(len(type_codes), self.n_genes, dtype=torch.float32)
         for start in range(0, len(type_codes), chunk_cells):
             codes = type_codes[start:start + chunk_cells].to(device)
-            eps = torch.randn((len(codes), self.z_dim), generator=generator, device=rand_device).to(device)
-            z = p_mu[codes] + noise_scale * torch.exp(0.5 * p_logvar[codes]) * eps
-            log_library = None
-            if self.library:
-                eps_lib = torch.randn(len(codes), generator=generator, device=rand_device).to(device)
-                log_library = self.lib_loc[codes] + self.lib_scale[codes] * eps_lib
+            z, log_library = self.draw_prior(codes, generator, noise_scale, (p_mu, p_logvar))
             counts = self.distribution(z, log_library).sample(generator=generator)
             out[start:start + len(codes)] = counts.float().cpu()
         return out

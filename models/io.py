@@ -215,6 +215,20 @@ def read_dataset(folder: Path, stage: str = "_1_split_train_test.py", prefer_h5a
     return make_anndata(counts.T, genes, barcodes, names, order)
 
 
+def read_type_order(path: Path, stage: str = "_1_split_train_test.py") -> list[str]:
+    """Cell-type names in code order (``partition``) from a ``clusters.csv``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"missing {path}: run {stage} first")
+    clusters = pd.read_csv(path)
+    if "cell_type" in clusters:
+        order = _order_from_partition(clusters, path)
+        return order if order is not None else type_order(clusters["cell_type"].astype(str))
+    if "partition" in clusters:
+        return type_order(clusters["partition"].astype(str))
+    raise InputError(f"{path}: needs a 'partition' or 'cell_type' column")
+
+
 def _order_from_partition(clusters: pd.DataFrame, source: Path) -> list[str] | None:
     """Recover the type order from (partition, cell_type) pairs, checking they agree."""
     if "partition" not in clusters:

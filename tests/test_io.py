@@ -67,3 +67,14 @@ def test_mtx_with_wrong_shape_is_refused(tmp_path, tiny_adata):
     io.write_lines(tmp_path / "genes.tsv", list(tiny_adata.var_names)[:-1])
     with pytest.raises(InputError, match="does not match"):
         io.read_dataset(tmp_path)
+
+
+def test_read_type_order_follows_partition_codes(tmp_path):
+    path = tmp_path / "clusters.csv"
+    pd.DataFrame({"partition": [1, 0, 1, 2], "cell_type": ["NK", "B", "NK", "T"]}).to_csv(path, index=False)
+    assert io.read_type_order(path) == ["B", "NK", "T"]
+    pd.DataFrame({"partition": [0, 1], "cell_type": ["NK", "NK"]}).to_csv(path, index=False)
+    with pytest.raises(InputError, match="one to one"):
+        io.read_type_order(path)
+    with pytest.raises(InputError, match="run _1_split_train_test.py"):
+        io.read_type_order(tmp_path / "absent.csv")
