@@ -36,6 +36,7 @@ from models.paths import CLUSTERS, GENES, Paths
 from models.train import (
     LOSS_PARTS,
     TrainingDiverged,
+    amp_enabled,
     evaluate,
     is_finite,
     library_prior,
@@ -87,6 +88,7 @@ SAVE_EVERY = 5  # epochs between checkpoint writes (and always at the end or an 
 RESUME = False  # continue from checkpoints/gmvae.pt (weights, optimizer, epoch, history) up to EPOCHS
 DEVICE = "auto"  # "auto": CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
 TORCH_THREADS = 0  # 0 = one per core
+AMP = "auto"  # bfloat16 layers (float32 losses and weights): "auto" = where the CPU/GPU has native bf16; "bf16"; "off"
 BOUND_HEAP = False  # glibc mmap threshold 64 KB: flat RSS but ~25% slower here (page faults); chunks already bound memory
 # -----------------------------------------------------------------------------
 
@@ -186,13 +188,14 @@ def main(argv=None):
     if cfg.BOUND_HEAP:
         bound_heap_fragmentation()
     device = get_device(cfg.DEVICE)
+    amp = amp_enabled(cfg.AMP, device)
 
     train, test, test_codes, cell_types = read_split(paths)
     genes = list(train.var_names)
     train_counts, test_counts = train.X, test.X
     train_codes = train.obs["partition"].to_numpy().astype(np.int64)
-    log.info("training on %d cells x %d genes, %d types (test: %d cells) on %s",
-             train.n_obs, len(genes), len(cell_types), test.n_obs, device)
+    log.info("training on %d cells x %d genes, %d types (test: %d cells) on %s%s",
+             train.n_obs, len(genes), len(cell_types), test.n_obs, device, " (bfloat16 layers)" if amp else "")
 
     config = model_config(cfg, len(genes), len(cell_types))
     model = GMVAE(**config)
@@ -240,7 +243,7 @@ def main(argv=None):
         started = time.perf_counter()
         try:
             train_parts = train_epoch(model, optimizer, train_counts, train_codes, cfg.BATCH_SIZE, device, rng,
-                                      cfg.PI_MIN, epoch, pi_grad=cfg.PI_GRAD)
+                                      cfg.PI_MIN, epoch, pi_grad=cfg.PI_GRAD, amp=amp)
         except TrainingDiverged:
             if history:
                 write_history()

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.config import load_config  # noqa: E402
 from models.gmvae import GMVAE, Batch  # noqa: E402
-from models.train import evaluate, library_prior, make_optimizer, train_epoch, warm_up_classifier  # noqa: E402
+from models.train import (  # noqa: E402
+    amp_enabled, autocast, evaluate, library_prior, make_optimizer, train_epoch, warm_up_classifier)
 from models.utils import peak_rss_mb, set_seed, set_torch_threads  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -49,13 +50,14 @@ N_TYPES = 17  # Leiden clusters of the original
 TEST_FRACTION = 0.25  # held-out cells for the plateau run (of N_CELLS, on top of them)
 ORIGINAL_BATCH = 37  # the original's batch size
 ORIGINAL_BATCHES = 2  # batches timed for the original (~30 s each at full scale), after one warm-up
-OURS_BATCHES = 6  # batches timed for ours, after one warm-up
+OURS_BATCHES = 20  # batches timed for ours, after one warm-up (median)
 DEFAULT_BATCH = 128  # _3_train_gmvae.py's BATCH_SIZE
 DEFAULT_PI_MIN = 1e-3  # _3_train_gmvae.py's PI_MIN
 PI_GRAD = False  # _3_train_gmvae.py's PI_GRAD
 LOG_INPUT = False  # _3_train_gmvae.py's LOG_INPUT
 CLS_WARMUP_EPOCHS = 5  # _3_train_gmvae.py's CLS_WARMUP_EPOCHS
 LR = 1e-3  # _3_train_gmvae.py's LR
+AMP = "auto"  # _3_train_gmvae.py's AMP (bfloat16 layers where the hardware has them)
 PATIENCE = 5  # _3_train_gmvae.py's early stopping
 MIN_DELTA = 1e-3
 PLATEAU_MINUTES = 15.0  # cap on the plateau run (the target is a plateau within 15 min)
@@ -135,11 +137,14 @@ class OriginalGMVAE(nn.Module):
 
 # ----------------------------------------------------------------------------- workers
 def _time_steps(step, n_batches: int) -> float:
+    """Median seconds per step over ``n_batches`` steps after one warm-up (the VM is noisy: ±20%)."""
     step(0)  # warm-up (allocator, one-off setup)
-    started = time.perf_counter()
+    seconds = []
     for i in range(1, n_batches + 1):
+        started = time.perf_counter()
         step(i)
-    return (time.perf_counter() - started) / n_batches
+        seconds.append(time.perf_counter() - started)
+    return float(np.median(seconds))
 
 
 def worker(job: dict, cfg) -> dict:
@@ -178,9 +183,13 @@ def worker(job: dict, cfg) -> dict:
         order = rng.permutation(n_train)
         pairs = []
 
+        amp = amp_enabled(job.get("amp", cfg.AMP), "cpu")
+
         def step(i):
             index = order[(i * batch_size) % n_train:][:batch_size]
-            out = model(Batch.from_csr(train[index], train_labels[index], "cpu"), pi_min=job["pi_min"], pi_grad=PI_GRAD)
+            with autocast("cpu", amp):
+                out = model(Batch.from_csr(train[index], train_labels[index], "cpu"), pi_min=job["pi_min"],
+                            pi_grad=PI_GRAD)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].mean().backward()
             optimizer.step()
@@ -202,7 +211,7 @@ def worker(job: dict, cfg) -> dict:
             epoch = len(epochs) + 1
             t0 = time.perf_counter()
             parts = train_epoch(model, optimizer, train, train_labels, batch_size, "cpu", rng, job["pi_min"], epoch,
-                                pi_grad=PI_GRAD)
+                                pi_grad=PI_GRAD, amp=amp_enabled(cfg.AMP, "cpu"))
             train_seconds = time.perf_counter() - t0
             test_parts = evaluate(model, test, test_labels, 256, "cpu", job["pi_min"], cfg.SEED)
             elapsed = time.perf_counter() - started
@@ -225,7 +234,7 @@ def worker(job: dict, cfg) -> dict:
 def run_worker(job: dict, cfg) -> dict:
     """Run one job in a fresh process (its own peak RSS) and return its JSON result."""
     argv = [sys.executable, __file__, "--PART=worker", f"--DATA={cfg.DATA}", f"--WORKER={json.dumps(job)}",
-            f"--SEED={cfg.SEED}", f"--PLATEAU_MINUTES={cfg.PLATEAU_MINUTES}"]
+            f"--SEED={cfg.SEED}", f"--PLATEAU_MINUTES={cfg.PLATEAU_MINUTES}", f"--AMP={cfg.AMP}"]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"worker {job} failed:\n{done.stderr[-3000:]}")
@@ -244,7 +253,8 @@ def main(argv=None):
     zeros = 1 - counts.nnz / (counts.shape[0] * counts.shape[1])
     print(f"command: {' '.join([sys.executable.split('/')[-1], *sys.argv])}")
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; AMP={cfg.AMP} -> "
+          f"{'bfloat16 layers' if amp_enabled(cfg.AMP, 'cpu') else 'float32'}")
     print(f"data: {cfg.N_CELLS} train + {n_test} test cells x {cfg.N_GENES} genes, K={cfg.N_TYPES}, "
           f"{100 * zeros:.1f}% zeros (made in {time.perf_counter() - started:.0f} s)")
     workdir = Path(tempfile.mkdtemp(prefix="bench_gmvae_"))
@@ -267,10 +277,12 @@ def main(argv=None):
         result = run_worker(dict(kind="ours", batch=batch, pi_min=0.0, n_batches=cfg.OURS_BATCHES), cfg)
         rows.append(("full sum over K (PI_MIN=0, exact)", result))
     plateau = run_worker(dict(kind="plateau", batch=cfg.DEFAULT_BATCH, pi_min=cfg.DEFAULT_PI_MIN, state=state), cfg)
-    for batch in (cfg.ORIGINAL_BATCH, cfg.DEFAULT_BATCH):
-        result = run_worker(dict(kind="ours", batch=batch, pi_min=cfg.DEFAULT_PI_MIN, n_batches=cfg.OURS_BATCHES,
-                                 state=state), cfg)
-        rows.append((f"pruned, PI_MIN={cfg.DEFAULT_PI_MIN:g}, pi converged", result))
+    for amp in dict.fromkeys((cfg.AMP, "off")):
+        for batch in (cfg.ORIGINAL_BATCH, cfg.DEFAULT_BATCH):
+            result = run_worker(dict(kind="ours", batch=batch, pi_min=cfg.DEFAULT_PI_MIN, n_batches=cfg.OURS_BATCHES,
+                                     state=state, amp=amp), cfg)
+            precision = "bf16" if amp_enabled(amp, "cpu") else "fp32"
+            rows.append((f"pruned, PI_MIN={cfg.DEFAULT_PI_MIN:g}, pi converged, {precision}", result))
 
     print(f"\n{'configuration':<42} {'batch':>5} {'pairs/cell':>10} {'s/epoch':>8} {'speed-up':>9} {'peak RSS MB':>11}")
     print(f"{'original structure (extrapolated)':<42} {cfg.ORIGINAL_BATCH:>5} {cfg.N_TYPES:>10} "

@@ -149,7 +149,7 @@ class GMVAE(nn.Module):
 
     def _pair_log_likelihood(self, z, log_library, nz_pair, nz_col, nz_val):
         """sum_g log p(x_g | z) per pair [P]; nonzeros given as (pair, gene, count) triplets."""
-        log_mu, log_theta, zi_logits = self.decode(z, log_library)
+        log_mu, log_theta, zi_logits = (None if t is None else t.float() for t in self.decode(z, log_library))
         return row_log_likelihood(log_mu, log_theta, zi_logits, nz_pair, nz_col, nz_val)
 
     @staticmethod
@@ -197,7 +197,9 @@ class GMVAE(nn.Module):
         reconstruction terms pull pi too, which early in training scrambles it; see README).
         """
         n_cells = batch.dense.shape[0]
-        log_pi = torch.log_softmax(self.class_logits(batch.dense), dim=-1)
+        # .float(): under mixed precision (models.train.autocast) the layers run in bfloat16, the
+        # losses always in float32.
+        log_pi = torch.log_softmax(self.class_logits(batch.dense).float(), dim=-1)
         pi = log_pi.exp()
         if pi_min > 0:
             keep = pi.detach() >= pi_min
@@ -209,8 +211,8 @@ class GMVAE(nn.Module):
             types = torch.arange(self.n_types, device=pi.device).repeat(n_cells)
             skipped = torch.zeros(n_cells, device=pi.device)
 
-        q_mu, q_logvar = self.encode_pairs(batch.dense, rows, types)
-        p_mu, p_logvar = self.prior_params()
+        q_mu, q_logvar = (t.float() for t in self.encode_pairs(batch.dense, rows, types))
+        p_mu, p_logvar = (t.float() for t in self.prior_params())
         p_mu, p_logvar = p_mu[types], p_logvar[types]
         kl = 0.5 * (p_logvar - q_logvar + (q_logvar.exp() + (q_mu - p_mu) ** 2) * torch.exp(-p_logvar) - 1.0).sum(-1)
         if sample_z:

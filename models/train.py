@@ -73,6 +73,31 @@ def evaluate(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, batch_size
     return result
 
 
+AMP_CHOICES = ("auto", "bf16", "off")
+
+
+def amp_enabled(amp: str, device) -> bool:
+    """Whether to train the layers in bfloat16 (``AMP`` setting): ``"auto"`` only where the hardware
+    has native bfloat16 matmuls (CUDA with bf16 support, or a CPU with AVX512-BF16/AMX), since
+    emulated bfloat16 is slower than float32; ``"bf16"`` always; ``"off"`` never."""
+    if amp not in AMP_CHOICES:
+        raise InputError(f"AMP must be one of {AMP_CHOICES}, got {amp!r}")
+    if amp != "auto":
+        return amp == "bf16"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def autocast(device, enabled: bool):
+    """bfloat16 autocast for the layers (weights and the losses stay float32), or a no-op."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def make_optimizer(model: GMVAE, lr: float) -> torch.optim.Optimizer:
     """Adam, fused where this torch build supports it (6x faster steps on CPU, PERF_NOTES.md)."""
     try:
@@ -107,13 +132,19 @@ def warm_up_classifier(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, 
 
 def train_epoch(model: GMVAE, optimizer, counts: sp.csr_matrix, labels: np.ndarray, batch_size: int,
                 device, rng: np.random.Generator, pi_min: float, epoch: int,
-                progress: Callable[[], None] | None = None, pi_grad: bool = True) -> dict[str, float]:
-    """One pass over the training cells in a shuffled order; returns mean loss parts and accuracy."""
+                progress: Callable[[], None] | None = None, pi_grad: bool = True,
+                amp: bool = False) -> dict[str, float]:
+    """One pass over the training cells in a shuffled order; returns mean loss parts and accuracy.
+
+    ``amp``: run the layers in bfloat16 (:func:`autocast`); the likelihood, the KL terms and the
+    optimizer state stay float32. Evaluation (:func:`evaluate`) is always float32.
+    """
     model.train()
     sums = dict.fromkeys(LOSS_PARTS, 0.0)
     correct = 0
     for batch in iterate_batches(counts, labels, batch_size, device, order=rng.permutation(counts.shape[0])):
-        out = model(batch, pi_min=pi_min, pi_grad=pi_grad)
+        with autocast(device, amp):
+            out = model(batch, pi_min=pi_min, pi_grad=pi_grad)
         loss = out["loss"].mean()
         if not torch.isfinite(loss):
             raise TrainingDiverged(
