@@ -58,6 +58,8 @@ SEED = 0  # one seed for every draw: the same seed gives byte-identical output f
 N_CELLS = None  # cells per bulk sample; None = as many as DATA_DIR/test holds (the original's choice)
 CELL_COUNTS = ""  # CSV with cell_type,n_cells: generate exactly these, skipping the proportions
 NOISE_SCALE = 1.0  # scales the prior sd of z (the original's `factor`); < 1 gives more typical cells
+PRIOR = "posterior"  # z per type from: "posterior" = full-covariance Gaussian fitted to the training cells'
+#                     encodings (keeps latent correlations); "learned" = the GMVAE's diagonal p(z|k) (original)
 SAMPLER = "inversion"  # "inversion": exact, draws values only where a count is nonzero (~3x faster);
 #                       "model": the GMVAE's own Gamma-Poisson sample_counts (same distribution)
 CHUNK_CELLS = 8192  # cells drawn and written per step: bounds memory (~CHUNK_CELLS x genes floats)
@@ -205,7 +207,15 @@ def main(argv=None) -> dict:
     several = len(counts) > 1
     if cfg.SAMPLER not in ("inversion", "model"):
         raise InputError(f"SAMPLER must be 'inversion' or 'model', got {cfg.SAMPLER!r}")
-    sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE, method=cfg.SAMPLER)
+    if cfg.PRIOR not in ("posterior", "learned"):
+        raise InputError(f"PRIOR must be 'posterior' or 'learned', got {cfg.PRIOR!r}")
+    prior = cfg.PRIOR
+    if prior == "posterior" and not bool(model.post_fitted):
+        log.warning("%s has no fitted posterior prior (written before it existed); using the learned p(z|k). "
+                    "Rerun _3_train_gmvae.py to get it", paths.gmvae_checkpoint)
+        prior = "learned"
+    log.info("z drawn from the %s prior", "fitted posterior" if prior == "posterior" else "learned")
+    sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE, method=cfg.SAMPLER, prior=prior)
     summary, shares = {}, {}
     for stream, sample in enumerate(counts.index):
         folder = paths.generated_dir / safe_name(sample) if several else paths.generated_dir

@@ -242,29 +242,33 @@ def truncated_nb(log_mu: np.ndarray, log_theta: np.ndarray, log_p0: np.ndarray,
 
 
 @torch.no_grad()
-def prior_decode(model, codes: torch.Tensor, generator: torch.Generator, noise_scale: float = 1.0):
+def prior_decode(model, codes: torch.Tensor, generator: torch.Generator, noise_scale: float = 1.0,
+                 prior: str = "learned"):
     """(log mu, log theta, zi logits or None) [N, G] of cells drawn from p(z | type).
 
     The same draws, in the same order, as ``GMVAE.sample_counts`` makes before its count
-    sampling: z = prior mean + noise_scale * prior sd * eps, then the library when the model has one.
+    sampling (``GMVAE.draw_prior``: z, then the library when the model has one).
     """
     codes = codes.to(model.onehot.device)
-    z, log_library = model.draw_prior(codes, generator, noise_scale)
+    z, log_library = model.draw_prior(codes, generator, noise_scale, source=prior)
     return model.decode(z, log_library)
 
 
-def gmvae_sampler(model, noise_scale: float = 1.0, method: str = "inversion") -> Sampler:
+def gmvae_sampler(model, noise_scale: float = 1.0, method: str = "inversion", prior: str = "learned") -> Sampler:
     """Counts from the trained GMVAE: z ~ p(z|k) (sd scaled by ``noise_scale``), decoder, (ZI)NB draw.
+
+    ``prior``: ``"learned"`` (the model's p(z | k)) or ``"posterior"`` (the per-type Gaussian
+    fitted to the training encodings, ``GMVAE.fit_posterior_prior``).
 
     ``method="inversion"``: :func:`sample_zinb_inversion` (exact, ~3x faster on CPU);
     ``"model"``: the model's own ``sample_counts`` (Gamma-Poisson for every entry).
     """
     if method == "model":
         def sample(codes: torch.Tensor, generator: torch.Generator):
-            return model.sample_counts(codes, generator=generator, noise_scale=noise_scale)
+            return model.sample_counts(codes, generator=generator, noise_scale=noise_scale, source=prior)
     elif method == "inversion":
         def sample(codes: torch.Tensor, generator: torch.Generator):
-            log_mu, log_theta, zi_logits = prior_decode(model, codes, generator, noise_scale)
+            log_mu, log_theta, zi_logits = prior_decode(model, codes, generator, noise_scale, prior)
             return sample_zinb_inversion(log_mu, log_theta, zi_logits, generator)
     else:
         raise ValueError(f"method must be 'inversion' or 'model', got {method!r}")

@@ -116,6 +116,11 @@ class GMVAE(nn.Module):
         self.register_buffer("onehot", torch.eye(n_types))
         self.register_buffer("lib_loc", torch.zeros(n_types))  # per-type log-library mean
         self.register_buffer("lib_scale", torch.ones(n_types))  # per-type log-library sd
+        # Per-type full-covariance Gaussian fitted to the training cells' encodings (fit_posterior_prior);
+        # post_fitted == 0 until it is fitted, and generation then uses the learned p(z | k).
+        self.register_buffer("post_mean", torch.zeros(n_types, z_dim))
+        self.register_buffer("post_chol", torch.eye(z_dim).repeat(n_types, 1, 1))
+        self.register_buffer("post_fitted", torch.zeros((), dtype=torch.bool))
 
     # ------------------------------------------------------------------ pieces
     def _input(self, dense: torch.Tensor) -> torch.Tensor:
@@ -149,7 +154,7 @@ class GMVAE(nn.Module):
 
     def _pair_log_likelihood(self, z, log_library, nz_pair, nz_col, nz_val):
         """sum_g log p(x_g | z) per pair [P]; nonzeros given as (pair, gene, count) triplets."""
-        log_mu, log_theta, zi_logits = (None if t is None else t.float() for t in self.decode(z, log_library))
+        log_mu, log_theta, zi_logits = (None if t is None else t.to(z.dtype) for t in self.decode(z, log_library))
         return row_log_likelihood(log_mu, log_theta, zi_logits, nz_pair, nz_col, nz_val)
 
     @staticmethod
@@ -197,9 +202,10 @@ class GMVAE(nn.Module):
         reconstruction terms pull pi too, which early in training scrambles it; see README).
         """
         n_cells = batch.dense.shape[0]
-        # .float(): under mixed precision (models.train.autocast) the layers run in bfloat16, the
-        # losses always in float32.
-        log_pi = torch.log_softmax(self.class_logits(batch.dense).float(), dim=-1)
+        # .to(dtype): under mixed precision (models.train.autocast) the layers run in bfloat16, the
+        # losses always in the data's precision (float32).
+        dtype = batch.dense.dtype
+        log_pi = torch.log_softmax(self.class_logits(batch.dense).to(dtype), dim=-1)
         pi = log_pi.exp()
         if pi_min > 0:
             keep = pi.detach() >= pi_min
@@ -211,8 +217,8 @@ class GMVAE(nn.Module):
             types = torch.arange(self.n_types, device=pi.device).repeat(n_cells)
             skipped = torch.zeros(n_cells, device=pi.device)
 
-        q_mu, q_logvar = (t.float() for t in self.encode_pairs(batch.dense, rows, types))
-        p_mu, p_logvar = (t.float() for t in self.prior_params())
+        q_mu, q_logvar = (t.to(dtype) for t in self.encode_pairs(batch.dense, rows, types))
+        p_mu, p_logvar = (t.to(dtype) for t in self.prior_params())
         p_mu, p_logvar = p_mu[types], p_logvar[types]
         kl = 0.5 * (p_logvar - q_logvar + (q_logvar.exp() + (q_mu - p_mu) ** 2) * torch.exp(-p_logvar) - 1.0).sum(-1)
         if sample_z:
@@ -260,17 +266,60 @@ class GMVAE(nn.Module):
         return ZeroInflatedNegativeBinomial(log_mu.exp(), log_theta.exp(), zi_logits)
 
     @torch.no_grad()
+    def fit_posterior_prior(self, batches) -> None:
+        """Fit, per type, a full-covariance Gaussian to where the encoder puts that type's cells.
+
+        ``batches`` yields :class:`Batch` objects of labelled (training) cells. Each cell is
+        encoded under its own label; type k gets mean = the average of its cells' q means and
+        covariance = their covariance + the average q variance (the moments of the aggregate
+        posterior, the mixture of the cells' q(z | x, k)). Sampling z from it, instead of from
+        the learned diagonal p(z | k), keeps the correlations between latent dimensions that the
+        cells really have ("ex-post density estimation", Ghosh et al. 2020). A type with fewer
+        than two cells keeps the learned prior.
+        """
+        means = [[] for _ in range(self.n_types)]
+        variances = [[] for _ in range(self.n_types)]
+        for batch in batches:
+            rows = torch.arange(batch.dense.shape[0], device=batch.dense.device)
+            q_mu, q_logvar = self.encode_pairs(batch.dense, rows, batch.labels)
+            for k in torch.unique(batch.labels).tolist():
+                take = batch.labels == k
+                means[k].append(q_mu[take].double().cpu())
+                variances[k].append(q_logvar[take].double().exp().cpu())
+        p_mu, p_logvar = self.prior_params()
+        post_mean = p_mu.detach().double().cpu().clone()
+        post_cov = torch.diag_embed(p_logvar.detach().double().exp().cpu())
+        for k in range(self.n_types):
+            if sum(len(m) for m in means[k]) < 2:
+                continue
+            mu_k, var_k = torch.cat(means[k]), torch.cat(variances[k])
+            post_mean[k] = mu_k.mean(0)
+            post_cov[k] = torch.cov(mu_k.T).reshape(self.z_dim, self.z_dim) + torch.diag(var_k.mean(0))
+        jitter = 1e-6 * torch.eye(self.z_dim, dtype=torch.float64)
+        self.post_mean.copy_(post_mean.float())
+        self.post_chol.copy_(torch.linalg.cholesky(post_cov + jitter).float())
+        self.post_fitted.fill_(True)
+
+    @torch.no_grad()
     def draw_prior(self, codes: torch.Tensor, generator: torch.Generator, noise_scale: float = 1.0,
-                   prior=None):
+                   prior=None, source: str = "learned"):
         """(z [N, Z], log library [N] or None) for cells of types ``codes`` (on the model's device).
 
-        z = prior mean + noise_scale * prior sd * eps, then the library draw when the model has
-        one; the one place these draws are made, so every sampler sees the same cells.
+        ``source="learned"``: z = p(z|k) mean + noise_scale * sd * eps (the original);
+        ``"posterior"``: z = fitted mean + noise_scale * L eps with L the Cholesky factor of the
+        fitted covariance (:meth:`fit_posterior_prior`; falls back to "learned" when not fitted).
+        Then the library draw when the model has one; the one place these draws are made, so
+        every sampler sees the same cells.
         """
+        if source not in ("learned", "posterior"):
+            raise ValueError(f"source must be 'learned' or 'posterior', got {source!r}")
         device, rand_device = codes.device, torch.device(generator.device)
-        p_mu, p_logvar = prior if prior is not None else self.prior_params()
         eps = torch.randn((len(codes), self.z_dim), generator=generator, device=rand_device).to(device)
-        z = p_mu[codes] + noise_scale * torch.exp(0.5 * p_logvar[codes]) * eps
+        if source == "posterior" and bool(self.post_fitted):
+            z = self.post_mean[codes] + noise_scale * torch.einsum("nij,nj->ni", self.post_chol[codes], eps)
+        else:
+            p_mu, p_logvar = prior if prior is not None else self.prior_params()
+            z = p_mu[codes] + noise_scale * torch.exp(0.5 * p_logvar[codes]) * eps
         log_library = None
         if self.library:
             eps_lib = torch.randn(len(codes), generator=generator, device=rand_device).to(device)
@@ -278,7 +327,8 @@ class GMVAE(nn.Module):
         return z, log_library
 
     def sample_counts(self, type_codes: torch.Tensor, generator: torch.Generator,
-                      noise_scale: float = 1.0, chunk_cells: int | None = None) -> torch.Tensor:
+                      noise_scale: float = 1.0, chunk_cells: int | None = None,
+                      source: str = "learned") -> torch.Tensor:
         """Integer-valued counts [N, G] (float32, CPU) for cells of the given type codes.
 
         z = prior mean + noise_scale * prior sd * eps; with ``library`` on, each cell's library
@@ -294,7 +344,7 @@ class GMVAE(nn.Module):
         out = torch.empty(len(type_codes), self.n_genes, dtype=torch.float32)
         for start in range(0, len(type_codes), chunk_cells):
             codes = type_codes[start:start + chunk_cells].to(device)
-            z, log_library = self.draw_prior(codes, generator, noise_scale, (p_mu, p_logvar))
+            z, log_library = self.draw_prior(codes, generator, noise_scale, (p_mu, p_logvar), source)
             counts = self.distribution(z, log_library).sample(generator=generator)
             out[start:start + len(codes)] = counts.float().cpu()
         return out

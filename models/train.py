@@ -165,6 +165,14 @@ def train_epoch(model: GMVAE, optimizer, counts: sp.csr_matrix, labels: np.ndarr
     return result
 
 
+def fit_posterior_prior(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, batch_size: int, device) -> None:
+    """``model.fit_posterior_prior`` over a labelled dataset (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    model.fit_posterior_prior(iterate_batches(counts, labels, batch_size, device))
+    model.train(was_training)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, model: GMVAE, optimizer, epoch: int, genes, cell_types, **extra) -> None:
     """Write the checkpoint dict atomically (a crash leaves the previous file intact)."""
@@ -193,10 +201,17 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
 
 
 def load_gmvae(path: Path, device="cpu") -> tuple[GMVAE, dict]:
-    """(model in eval mode on ``device``, checkpoint dict with genes, cell_types, config, epoch)."""
+    """(model in eval mode on ``device``, checkpoint dict with genes, cell_types, config, epoch).
+
+    Checkpoints written before the fitted posterior prior existed load too (without it).
+    """
     meta = load_checkpoint(path, device)
     model = GMVAE(**meta["config"])
-    model.load_state_dict(meta["state_dict"])
+    state = dict(meta["state_dict"])
+    for name, default in model.state_dict().items():
+        if name.startswith("post_") and name not in state:
+            state[name] = default
+    model.load_state_dict(state)
     model.to(device).eval()
     return model, meta
 

@@ -139,3 +139,49 @@ def test_prior_params_shapes_and_config_round_trip():
     assert all(isinstance(v, (int, float, str, bool)) for v in model.config.values())
     with pytest.raises(ValueError):
         GMVAE(**{**TINY, "likelihood": "poisson"})
+
+
+def test_posterior_prior_matches_the_encodings_moments():
+    """fit_posterior_prior: per-type mean = mean of q means; covariance = their covariance + mean q variance."""
+    import scipy.sparse as sp
+
+    from models.gmvae import Batch
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = GMVAE(n_genes=20, n_types=2, z_dim=3, enc_hidden1=8, enc_hidden2=8, cls_hidden=8, prior_hidden=8,
+                  dec_hidden1=8, dec_hidden2=8).eval()
+    counts = sp.csr_matrix(rng.poisson(3.0, size=(60, 20)).astype(np.float32))
+    labels = np.repeat([0, 1], 30)
+    assert not bool(model.post_fitted)
+    model.fit_posterior_prior(Batch.from_csr(counts[s:s + 16], labels[s:s + 16], "cpu") for s in range(0, 60, 16))
+    assert bool(model.post_fitted)
+    batch = Batch.from_csr(counts, labels, "cpu")
+    with torch.no_grad():
+        q_mu, q_logvar = model.encode_pairs(batch.dense, torch.arange(60), batch.labels)
+    for k in range(2):
+        mu_k, var_k = q_mu[labels == k].double(), q_logvar[labels == k].double().exp()
+        expected = torch.cov(mu_k.T) + torch.diag(var_k.mean(0))
+        chol = model.post_chol[k].double()
+        assert torch.allclose(model.post_mean[k].double(), mu_k.mean(0), atol=1e-5)
+        assert torch.allclose(chol @ chol.T, expected, atol=1e-4)
+    # draws: same eps count as the learned prior, sample moments near the fitted ones
+    codes = torch.zeros(20000, dtype=torch.int64)
+    z, _ = model.draw_prior(codes, torch.Generator().manual_seed(0), source="posterior")
+    chol = model.post_chol[0]
+    assert torch.allclose(z.mean(0), model.post_mean[0], atol=0.05)
+    assert torch.allclose(torch.cov(z.T), chol @ chol.T, atol=0.05)
+    learned, _ = model.draw_prior(codes, torch.Generator().manual_seed(0), source="learned")
+    assert not torch.allclose(learned.mean(0), z.mean(0), atol=1e-3)
+    with pytest.raises(ValueError, match="source"):
+        model.draw_prior(codes, torch.Generator(), source="nope")
+
+
+def test_unfitted_posterior_prior_falls_back_to_the_learned_one():
+    torch.manual_seed(0)
+    model = GMVAE(n_genes=20, n_types=2, z_dim=3, enc_hidden1=8, enc_hidden2=8, cls_hidden=8, prior_hidden=8,
+                  dec_hidden1=8, dec_hidden2=8).eval()
+    codes = torch.tensor([0, 1, 1, 0])
+    a, _ = model.draw_prior(codes, torch.Generator().manual_seed(3), source="posterior")
+    b, _ = model.draw_prior(codes, torch.Generator().manual_seed(3), source="learned")
+    assert torch.equal(a, b)

@@ -107,6 +107,7 @@ def test_pipeline_end_to_end(chain_dir, tmp_path, monkeypatch):
     assert checkpoint["genes"] == list(train.var_names)
     assert checkpoint["cell_types"] == ["alpha", "beta", "gamma"]
     assert len(pd.read_csv(paths.gmvae_history)) == checkpoint["epoch"] >= 1
+    assert bool(checkpoint["state_dict"]["post_fitted"])  # the per-type posterior Gaussian _5_ samples from
 
     # _4_: proportions for the three pseudo-bulks, scored against their truth
     _run("_4_deconvolve_bulk.py", chain_dir, fig_dir)
@@ -127,6 +128,12 @@ def test_pipeline_end_to_end(chain_dir, tmp_path, monkeypatch):
         io.check_counts(generated.X, matrix_path)
     assert paths.generated_metrics.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["fig"]  # nothing written into the current directory
+
+    # PRIOR=learned draws z from the GMVAE's own p(z|k): other cells from the same seed
+    first = io.read_mtx(matrices[0]).toarray()
+    _run("_5_generate_sc.py", chain_dir, fig_dir, ["--PRIOR=learned", "--EVALUATE=false", "--FIGURES=false"])
+    assert io.read_mtx(matrices[0]).shape == first.shape
+    assert not np.array_equal(io.read_mtx(matrices[0]).toarray(), first)
 
 
 def test_split_with_leiden_clusters(chain_dir, tmp_path):
