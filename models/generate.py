@@ -251,7 +251,7 @@ def prior_decode(model, codes: torch.Tensor, generator: torch.Generator, noise_s
     """
     codes = codes.to(model.onehot.device)
     z, log_library = model.draw_prior(codes, generator, noise_scale, source=prior)
-    return model.decode(z, log_library)
+    return tuple(None if t is None else t.float() for t in model.decode(z, log_library))
 
 
 def gmvae_sampler(model, noise_scale: float = 1.0, method: str = "inversion", prior: str = "learned") -> Sampler:
