@@ -207,3 +207,17 @@ def test_bf16_layers_keep_float32_losses_close_to_float32():
     assert not torch.equal(mixed["loss"], reference["loss"])  # the layers really ran in bfloat16
     mixed["loss"].mean().backward()
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_checkpoint_without_the_fitted_prior_still_loads(tmp_path):
+    """Checkpoints written before the fitted posterior prior existed load, with it marked unfitted."""
+    torch.manual_seed(0)
+    model = GMVAE(**TINY)
+    path = tmp_path / "gmvae.pt"
+    save_checkpoint(path, model, None, epoch=1, genes=[f"g{i}" for i in range(30)], cell_types=["a", "b"])
+    raw = torch.load(path, weights_only=True)
+    raw["state_dict"] = {k: v for k, v in raw["state_dict"].items() if not k.startswith("post_")}
+    torch.save(raw, path)
+    loaded, _ = load_gmvae(path)
+    assert not bool(loaded.post_fitted)
+    assert torch.equal(loaded.dec_mean.weight, model.dec_mean.weight)
