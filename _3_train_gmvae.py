@@ -38,7 +38,7 @@ from models.train import (
     TrainingDiverged,
     amp_enabled,
     evaluate,
-    fit_posterior_prior,
+    fit_generation,
     is_finite,
     library_prior,
     load_checkpoint,
@@ -230,8 +230,9 @@ def main(argv=None):
                  cfg.CLS_WARMUP_EPOCHS, accuracy)
 
     def save(epoch: int) -> None:
-        # the per-type Gaussian of the training encodings that _5_ samples z from (PRIOR="posterior")
-        fit_posterior_prior(model, train_counts, train_codes, cfg.EVAL_BATCH_SIZE, device)
+        # what _5_ samples from: the per-type Gaussian of the training encodings (PRIOR="posterior")
+        # and the per-type gene-mean calibration (CALIBRATE=True)
+        fit_generation(model, train_counts, train_codes, cfg.EVAL_BATCH_SIZE, device, cfg.SEED)
         save_checkpoint(paths.gmvae_checkpoint, model, optimizer, epoch, genes, cell_types,
                         best_test_loss=float(best_loss), best_epoch=int(best_epoch), stale_evals=int(stale),
                         settings=settings)

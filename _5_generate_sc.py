@@ -60,6 +60,7 @@ CELL_COUNTS = ""  # CSV with cell_type,n_cells: generate exactly these, skipping
 NOISE_SCALE = 1.0  # scales the prior sd of z (the original's `factor`); < 1 gives more typical cells
 PRIOR = "posterior"  # z per type from: "posterior" = full-covariance Gaussian fitted to the training cells'
 #                     encodings (keeps latent correlations); "learned" = the GMVAE's diagonal p(z|k) (original)
+CALIBRATE = True  # scale each type's gene means to the training cells' (factors fitted at the end of stage 3)
 SAMPLER = "inversion"  # "inversion": exact, draws values only where a count is nonzero (~3x faster);
 #                       "model": the GMVAE's own Gamma-Poisson sample_counts (same distribution)
 CHUNK_CELLS = 8192  # cells drawn and written per step: bounds memory (~CHUNK_CELLS x genes floats)
@@ -215,7 +216,11 @@ def main(argv=None) -> dict:
                     "Rerun _3_train_gmvae.py to get it", paths.gmvae_checkpoint)
         prior = "learned"
     log.info("z drawn from the %s prior", "fitted posterior" if prior == "posterior" else "learned")
-    sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE, method=cfg.SAMPLER, prior=prior)
+    calibrate = cfg.CALIBRATE and bool(model.mean_log_ratio.abs().sum() > 0)
+    if cfg.CALIBRATE and not calibrate:
+        log.warning("%s has no gene-mean calibration (written before it existed); generating uncalibrated. "
+                    "Rerun _3_train_gmvae.py to get it", paths.gmvae_checkpoint)
+    sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE, method=cfg.SAMPLER, prior=prior, calibrate=calibrate)
     summary, shares = {}, {}
     for stream, sample in enumerate(counts.index):
         folder = paths.generated_dir / safe_name(sample) if several else paths.generated_dir

@@ -11,7 +11,8 @@ Fidelity (``--part=fidelity``): the shared Zheng PBMC (../shared/data/pbmc_zheng
 7 sorted types) split 75/25 with ``stratified_split(..., 0.25, 123)``; ``_3_train_gmvae.py``
 with its defaults trains the GMVAE on the 75%; ``_5_`` generates as many cells of each type as
 the test split holds (``CELL_COUNTS``) and scores them against the test cells, beside the NB
-baseline and the real-vs-real halves. Figures go to ``--fig`` (default fig/bench_generate) and,
+baseline and the real-vs-real halves; then ``_5_`` again with SEED 1..``--seeds``-1 (the scores move
+with the generated cells) for each score's mean and range. Figures go to ``--fig`` (default fig/bench_generate) and,
 with ``--readme``, also to fig/readme/.
 
 Run (heavy: take the shared lock so timings do not overlap other benchmarks):
@@ -30,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -150,7 +153,7 @@ def prepare_pbmc(root: Path) -> None:
     io.write_dataset(adata[test].copy(), paths.test_dir)
 
 
-def fidelity(work: Path, fig_dir: Path, readme: bool, retrain: bool, train_args: list[str]) -> None:
+def fidelity(work: Path, fig_dir: Path, readme: bool, retrain: bool, train_args: list[str], seeds: int = 4) -> None:
     import pandas as pd
 
     from models.paths import Paths
@@ -197,6 +200,30 @@ def fidelity(work: Path, fig_dir: Path, readme: bool, retrain: bool, train_args:
         for name in ("generated_proportions.png", "generated_umap.png", "generated_gene_correlation.png"):
             shutil.copy(fig_dir / name, target / f"pbmc_{name}")
         print(f"copied the figures to {target}")
+    if seeds > 1:
+        seed_spread(root, work, fig_dir, metrics, seeds)
+
+
+def seed_spread(root: Path, work: Path, fig_dir: Path, first: dict, seeds: int) -> None:
+    """The generated cells (GMVAE and NB baseline) differ with SEED; so do their scores, by about as
+    much as the two generators differ. Rerun _5_ with SEEDs 1..seeds-1 (same models, same test
+    cells) and print each score's mean and range over the seeds."""
+    from models.paths import Paths
+
+    runs = [first]
+    for seed in range(1, seeds):
+        run([sys.executable, str(REPO / "_5_generate_sc.py"), f"--DATA_DIR={root}", f"--FIG_DIR={fig_dir}",
+             f"--CELL_COUNTS={work / 'pbmc_test_counts.csv'}", "--FIGURES=false", f"--SEED={seed}"],
+            work / f"generate_seed{seed}.log")
+        runs.append(json.loads(Paths(root).generated_metrics.read_text()))
+    print(f"\nover SEED = 0..{seeds - 1} (mean, and min..max):")
+    print("| metric | GMVAE | NB baseline | GMVAE lower in |")
+    print("|---|---|---|---:|")
+    for key in ("auroc", "auroc_quadratic", "mmd", "ks_library_size", "ks_zero_fraction"):
+        ours = np.array([r["gmvae"][key] for r in runs])
+        base = np.array([r["nb_baseline"][key] for r in runs])
+        print(f"| {key} | {ours.mean():.4f} ({ours.min():.4f}..{ours.max():.4f}) | "
+              f"{base.mean():.4f} ({base.min():.4f}..{base.max():.4f}) | {(ours < base).sum()}/{len(runs)} seeds |")
 
 
 def main() -> None:
@@ -208,6 +235,7 @@ def main() -> None:
     parser.add_argument("--fig", default=str(REPO / "fig" / "bench_generate"))
     parser.add_argument("--readme", action="store_true", help="also copy the PBMC figures to fig/readme/")
     parser.add_argument("--retrain", action="store_true", help="rebuild the PBMC split and retrain the GMVAE")
+    parser.add_argument("--seeds", type=int, default=4, help="fidelity: also score SEEDs 1..seeds-1 of _5_")
     parser.add_argument("--train-args", default="", help="overrides for _3_train_gmvae.py, e.g. '--EPOCHS=15'")
     args = parser.parse_args()
     work = Path(args.work)
@@ -217,7 +245,7 @@ def main() -> None:
     if args.part in ("fidelity", "all"):
         if not (SHARED / "pbmc_zheng7").is_dir():
             sys.exit(f"{SHARED / 'pbmc_zheng7'} is absent")
-        fidelity(work, Path(args.fig), args.readme, args.retrain, args.train_args.split())
+        fidelity(work, Path(args.fig), args.readme, args.retrain, args.train_args.split(), args.seeds)
     if args.part in ("throughput", "all"):
         throughput([int(s) for s in args.sizes.split(",")], work, args.chunk_cells)
 

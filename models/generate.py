@@ -241,34 +241,25 @@ def truncated_nb(log_mu: np.ndarray, log_theta: np.ndarray, log_p0: np.ndarray,
     return out
 
 
-@torch.no_grad()
-def prior_decode(model, codes: torch.Tensor, generator: torch.Generator, noise_scale: float = 1.0,
-                 prior: str = "learned"):
-    """(log mu, log theta, zi logits or None) [N, G] of cells drawn from p(z | type).
-
-    The same draws, in the same order, as ``GMVAE.sample_counts`` makes before its count
-    sampling (``GMVAE.draw_prior``: z, then the library when the model has one).
-    """
-    codes = codes.to(model.onehot.device)
-    z, log_library = model.draw_prior(codes, generator, noise_scale, source=prior)
-    return tuple(None if t is None else t.float() for t in model.decode(z, log_library))
-
-
-def gmvae_sampler(model, noise_scale: float = 1.0, method: str = "inversion", prior: str = "learned") -> Sampler:
+def gmvae_sampler(model, noise_scale: float = 1.0, method: str = "inversion", prior: str = "learned",
+                  calibrate: bool = False) -> Sampler:
     """Counts from the trained GMVAE: z ~ p(z|k) (sd scaled by ``noise_scale``), decoder, (ZI)NB draw.
 
     ``prior``: ``"learned"`` (the model's p(z | k)) or ``"posterior"`` (the per-type Gaussian
-    fitted to the training encodings, ``GMVAE.fit_posterior_prior``).
+    fitted to the training encodings, ``GMVAE.fit_posterior_prior``). ``calibrate``: shift each
+    type's gene means to the training cells' (``GMVAE.fit_mean_calibration``).
 
     ``method="inversion"``: :func:`sample_zinb_inversion` (exact, ~3x faster on CPU);
     ``"model"``: the model's own ``sample_counts`` (Gamma-Poisson for every entry).
     """
     if method == "model":
         def sample(codes: torch.Tensor, generator: torch.Generator):
-            return model.sample_counts(codes, generator=generator, noise_scale=noise_scale, source=prior)
+            return model.sample_counts(codes, generator=generator, noise_scale=noise_scale, source=prior,
+                                       calibrate=calibrate)
     elif method == "inversion":
         def sample(codes: torch.Tensor, generator: torch.Generator):
-            log_mu, log_theta, zi_logits = prior_decode(model, codes, generator, noise_scale, prior)
+            log_mu, log_theta, zi_logits = model.generative_params(codes.to(model.onehot.device), generator,
+                                                                   noise_scale, prior, calibrate)
             return sample_zinb_inversion(log_mu, log_theta, zi_logits, generator)
     else:
         raise ValueError(f"method must be 'inversion' or 'model', got {method!r}")

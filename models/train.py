@@ -23,6 +23,9 @@ from models.utils import InputError
 
 log = logging.getLogger(__name__)
 
+# Buffers added after the first checkpoints were written: absent ones keep their defaults on load.
+OPTIONAL_BUFFERS = ("post_mean", "post_chol", "post_fitted", "mean_log_ratio")
+
 LOSS_PARTS = ("loss", "recon", "kl_z", "kl_pi", "nelbo_label", "skipped_mass", "pairs")
 
 
@@ -173,6 +176,23 @@ def fit_posterior_prior(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray,
     model.train(was_training)
 
 
+def fit_generation(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, batch_size: int, device,
+                   seed: int = 0) -> None:
+    """What stage 5 samples from, fitted on the training cells after training: the per-type
+    posterior Gaussian (``fit_posterior_prior``), then the per-type gene-mean calibration
+    (``fit_mean_calibration``, with draws from that Gaussian and a generator seeded with ``seed``)."""
+    fit_posterior_prior(model, counts, labels, batch_size, device)
+    n_types = model.n_types
+    n_cells = np.bincount(labels, minlength=n_types)
+    sums = np.vstack([np.asarray(counts[labels == k].sum(axis=0)).ravel() for k in range(n_types)])
+    means = sums / np.maximum(n_cells, 1)[:, None]
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=model.onehot.device).manual_seed(seed)
+    model.fit_mean_calibration(means, n_cells, generator)
+    model.train(was_training)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, model: GMVAE, optimizer, epoch: int, genes, cell_types, **extra) -> None:
     """Write the checkpoint dict atomically (a crash leaves the previous file intact)."""
@@ -203,13 +223,14 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
 def load_gmvae(path: Path, device="cpu") -> tuple[GMVAE, dict]:
     """(model in eval mode on ``device``, checkpoint dict with genes, cell_types, config, epoch).
 
-    Checkpoints written before the fitted posterior prior existed load too (without it).
+    Checkpoints written before the fitted posterior prior and the mean calibration existed load
+    too (without them).
     """
     meta = load_checkpoint(path, device)
     model = GMVAE(**meta["config"])
     state = dict(meta["state_dict"])
     for name, default in model.state_dict().items():
-        if name.startswith("post_") and name not in state:
+        if name in OPTIONAL_BUFFERS and name not in state:
             state[name] = default
     model.load_state_dict(state)
     model.to(device).eval()

@@ -294,7 +294,7 @@ def test_inversion_and_model_samplers_decode_the_same_cells(stage5_dir):
     assert torch.equal(seen["inversion"], seen["model"])
     # the inversion draw matches the decoded ZINB's mean and zero probability, gene by gene
     codes = torch.zeros(4000, dtype=torch.int64)
-    log_mu, log_theta, zi_logits = generate.prior_decode(model, codes, torch.Generator().manual_seed(0))
+    log_mu, log_theta, zi_logits = model.generative_params(codes, torch.Generator().manual_seed(0))
     keep = 1 - torch.sigmoid(zi_logits)
     expected_mean = (keep * log_mu.exp()).mean(0).numpy()
     expected_zero = (1 - keep + keep * torch.exp(-log_theta.exp() * torch.nn.functional.softplus(log_mu - log_theta)))

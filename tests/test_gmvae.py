@@ -185,3 +185,29 @@ def test_unfitted_posterior_prior_falls_back_to_the_learned_one():
     a, _ = model.draw_prior(codes, torch.Generator().manual_seed(3), source="posterior")
     b, _ = model.draw_prior(codes, torch.Generator().manual_seed(3), source="learned")
     assert torch.equal(a, b)
+
+
+def test_mean_calibration_puts_generated_means_on_the_data_means():
+    torch.manual_seed(0)
+    model = GMVAE(n_genes=20, n_types=2, z_dim=3, enc_hidden1=8, enc_hidden2=8, cls_hidden=8, prior_hidden=8,
+                  dec_hidden1=8, dec_hidden2=8).eval()
+    rng = np.random.default_rng(0)
+    observed = rng.gamma(1.0, 2.0, size=(2, 20))
+    observed[0, 3] = 0.0  # never seen in type 0: pulled down by the pseudo-count, clipped at 1/10
+    observed[1, 5] = 1e4  # far above the model: clipped at 10x
+    model.fit_mean_calibration(observed, [50, 50], torch.Generator().manual_seed(0), n_draws=20000,
+                               source="learned")
+    ratio = model.mean_log_ratio
+    assert float(ratio.max()) <= np.log(10) + 1e-6 and float(ratio.min()) >= -np.log(10) - 1e-6
+    assert float(ratio[1, 5]) == pytest.approx(np.log(10), abs=1e-5)
+    for k in range(2):
+        codes = torch.full((20000,), k)
+        log_mu, _, zi = model.generative_params(codes, torch.Generator().manual_seed(1), calibrate=True)
+        mean = (torch.sigmoid(-zi) * log_mu.exp()).mean(0).double().numpy()
+        ok = np.abs(ratio[k].numpy()) < np.log(10) - 1e-3
+        # where not clipped: (data + 1/100) / (generated + 1/100) -> 1, up to Monte Carlo error
+        np.testing.assert_allclose((mean[ok] + 0.01) / (observed[k, ok] + 0.01), 1.0, rtol=0.1)
+    raw, _, _ = model.generative_params(torch.zeros(4, dtype=torch.int64), torch.Generator().manual_seed(2))
+    calibrated, _, _ = model.generative_params(torch.zeros(4, dtype=torch.int64), torch.Generator().manual_seed(2),
+                                               calibrate=True)
+    torch.testing.assert_close(calibrated - raw, ratio[0].expand(4, -1))

@@ -108,6 +108,7 @@ def test_pipeline_end_to_end(chain_dir, tmp_path, monkeypatch):
     assert checkpoint["cell_types"] == ["alpha", "beta", "gamma"]
     assert len(pd.read_csv(paths.gmvae_history)) == checkpoint["epoch"] >= 1
     assert bool(checkpoint["state_dict"]["post_fitted"])  # the per-type posterior Gaussian _5_ samples from
+    assert float(checkpoint["state_dict"]["mean_log_ratio"].abs().sum()) > 0  # and the gene-mean calibration
 
     # _4_: proportions for the three pseudo-bulks, scored against their truth
     _run("_4_deconvolve_bulk.py", chain_dir, fig_dir)
@@ -133,6 +134,9 @@ def test_pipeline_end_to_end(chain_dir, tmp_path, monkeypatch):
     first = io.read_mtx(matrices[0]).toarray()
     _run("_5_generate_sc.py", chain_dir, fig_dir, ["--PRIOR=learned", "--EVALUATE=false", "--FIGURES=false"])
     assert io.read_mtx(matrices[0]).shape == first.shape
+    assert not np.array_equal(io.read_mtx(matrices[0]).toarray(), first)
+    # CALIBRATE=false leaves the decoder's means as they are: other counts again
+    _run("_5_generate_sc.py", chain_dir, fig_dir, ["--CALIBRATE=false", "--EVALUATE=false", "--FIGURES=false"])
     assert not np.array_equal(io.read_mtx(matrices[0]).toarray(), first)
 
 
