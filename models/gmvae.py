@@ -265,7 +265,11 @@ class GMVAE(nn.Module):
 
     def distribution(self, z: torch.Tensor, log_library: torch.Tensor | None = None):
         """The count distribution p(x | z) as a (ZI)NB Distribution, batch shape [P, G]."""
-        log_mu, log_theta, zi_logits = self.decode(z, log_library)
+        return self.distribution_from_params(*self.decode(z, log_library))
+
+    @staticmethod
+    def distribution_from_params(log_mu: torch.Tensor, log_theta: torch.Tensor, zi_logits: torch.Tensor | None):
+        """A (ZI)NB Distribution from the decoder's outputs (log mean, log theta, dropout logits or None)."""
         if zi_logits is None:
             return NegativeBinomial(log_mu.exp(), log_theta.exp())
         return ZeroInflatedNegativeBinomial(log_mu.exp(), log_theta.exp(), zi_logits)
@@ -395,10 +399,6 @@ class GMVAE(nn.Module):
             codes = type_codes[start:start + chunk_cells].to(device)
             log_mu, log_theta, zi_logits = self.generative_params(codes, generator, noise_scale, source, calibrate,
                                                                   (p_mu, p_logvar))
-            if zi_logits is None:
-                dist = NegativeBinomial(log_mu.exp(), log_theta.exp())
-            else:
-                dist = ZeroInflatedNegativeBinomial(log_mu.exp(), log_theta.exp(), zi_logits)
-            counts = dist.sample(generator=generator)
+            counts = self.distribution_from_params(log_mu, log_theta, zi_logits).sample(generator=generator)
             out[start:start + len(codes)] = counts.float().cpu()
         return out
