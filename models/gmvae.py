@@ -384,9 +384,11 @@ class GMVAE(nn.Module):
                       source: str = "learned", calibrate: bool = False) -> torch.Tensor:
         """Integer-valued counts [N, G] (float32, CPU) for cells of the given type codes.
 
-        z = prior mean + noise_scale * prior sd * eps; with ``library`` on, each cell's library
-        size is log-normal with its type's stored (loc, scale). All randomness comes from
-        ``generator`` (its device is where the draws happen), so one seed gives the same cells.
+        Parameters from :meth:`generative_params` (z from ``source``, sd scaled by ``noise_scale``;
+        the library, when on, log-normal with the type's stored (loc, scale); the means shifted by
+        the fitted calibration when ``calibrate``), then a Gamma-Poisson draw. All randomness
+        comes from ``generator`` (its device is where the draws happen), so one seed gives the
+        same cells.
         """
         device = self.onehot.device
         type_codes = torch.as_tensor(type_codes, dtype=torch.int64)
