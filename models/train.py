@@ -168,28 +168,20 @@ def train_epoch(model: GMVAE, optimizer, counts: sp.csr_matrix, labels: np.ndarr
     return result
 
 
-def fit_posterior_prior(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, batch_size: int, device) -> None:
-    """``model.fit_posterior_prior`` over a labelled dataset (eval mode, no gradients)."""
-    was_training = model.training
-    model.eval()
-    model.fit_posterior_prior(iterate_batches(counts, labels, batch_size, device))
-    model.train(was_training)
-
-
 def fit_generation(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, batch_size: int, device,
                    seed: int = 0) -> None:
     """What stage 5 samples from, fitted on the training cells after training: the per-type
     posterior Gaussian (``fit_posterior_prior``), then the per-type gene-mean calibration
-    (``fit_mean_calibration``, with draws from that Gaussian and a generator seeded with ``seed``)."""
-    fit_posterior_prior(model, counts, labels, batch_size, device)
+    (``fit_mean_calibration``, with draws from that Gaussian and a generator seeded with ``seed``).
+    Runs in eval mode without gradients."""
     n_types = model.n_types
     n_cells = np.bincount(labels, minlength=n_types)
     sums = np.vstack([np.asarray(counts[labels == k].sum(axis=0)).ravel() for k in range(n_types)])
     means = sums / np.maximum(n_cells, 1)[:, None]
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device=model.onehot.device).manual_seed(seed)
-    model.fit_mean_calibration(means, n_cells, generator)
+    model.fit_posterior_prior(iterate_batches(counts, labels, batch_size, device))
+    model.fit_mean_calibration(means, n_cells, torch.Generator(device=model.onehot.device).manual_seed(seed))
     model.train(was_training)
 
 
