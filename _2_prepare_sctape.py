@@ -7,8 +7,10 @@ Writes, in DATA_DIR/sctape/:
     reference.txt.gz        training cells x genes raw counts, row index = cell-type name
                             (the tab-separated layout TAPE.generate_simulated_data reads)
     pseudobulk_counts.tsv   samples x genes summed raw counts of random test-cell subsets
-    pseudobulk_tpm.tsv      the same in TPM (longest transcript span per gene; rows sum to 1e6)
+    pseudobulk_tpm.tsv      the same in TPM (rows sum to 1e6): CPM for UMI counts (PROTOCOL="umi",
+                            one count per molecule), length-normalised for PROTOCOL="full_length"
     pseudobulk_truth.csv    samples x cell types, the true proportions (rows sum to 1)
+    config.json             this run's settings; _4_ reads PROTOCOL from it
 
 Each pseudo-bulk draws its own cell count in [n_test/3, 1.2 n_test/3] and its own cells from
 its own seed, so samples are independent (the original's were nested, its MAE optimistic).
@@ -26,8 +28,8 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from models import io
-from models.bulk import counts_to_tpm, sample_pseudobulks
-from models.config import load_config
+from models.bulk import PROTOCOLS, counts_to_expression, sample_pseudobulks
+from models.config import load_config, save_config
 from models.paths import Paths
 from models.utils import InputError, require_files, run_stage, setup_logging
 
@@ -40,6 +42,7 @@ N_PSEUDOBULK = 5  # independent pseudo-bulk samples drawn from the test cells
 MIN_CELL_FRACTION = 1 / 3  # each sample takes at least this share of the test cells ...
 MAX_CELL_FRACTION = 1.2 / 3  # ... and at most this share (the original's range)
 CHUNK_CELLS = 1000  # rows of the reference table densified at a time (bounds memory)
+PROTOCOL = "umi"  # how the single cells were counted: "umi" (10x, Drop-seq as GSE130148: a count is a molecule, so TPM is CPM) or "full_length" (Smart-seq2: reads scale with gene length)
 # -----------------------------------------------------------------------------
 
 
@@ -67,6 +70,8 @@ def main(argv=None) -> None:
     type_names = list(train.obs["cell_type"].cat.categories)
     if list(test.obs["cell_type"].cat.categories) != type_names:
         raise InputError(f"{paths.test_dir}: cell types differ from {paths.train_dir}: rerun _1_split_train_test.py")
+    if cfg.PROTOCOL not in PROTOCOLS:
+        raise InputError(f"PROTOCOL must be one of {PROTOCOLS}, got {cfg.PROTOCOL!r}")
     if cfg.N_PSEUDOBULK < 1:
         raise InputError(f"N_PSEUDOBULK must be at least 1, got {cfg.N_PSEUDOBULK}")
     gene_lengths = io.read_gene_lengths(paths.gene_length)
@@ -75,8 +80,9 @@ def main(argv=None) -> None:
         test.X, test.obs["partition"].to_numpy(), type_names, cfg.N_PSEUDOBULK, cfg.SEED,
         cfg.MIN_CELL_FRACTION, cfg.MAX_CELL_FRACTION)
     counts = pd.DataFrame(summed.astype(np.int64), index=truth.index, columns=test.var_names)
-    tpm, overlap = counts_to_tpm(counts, gene_lengths)
-    log.info("gene lengths (%s): %s", paths.gene_length.name, overlap)
+    tpm, overlap = counts_to_expression(counts, gene_lengths, cfg.PROTOCOL)
+    log.info("pseudo-bulk TPM (%s counts): %s", cfg.PROTOCOL,
+             "CPM, no gene-length correction" if overlap is None else f"{paths.gene_length.name}: {overlap}")
     for name, cells in zip(truth.index, members):
         log.info("%s: %d test cells", name, len(cells))
 
@@ -84,6 +90,7 @@ def main(argv=None) -> None:
     io.write_table(counts, paths.pseudobulk_counts, sep="\t")
     io.write_table(tpm, paths.pseudobulk_tpm, sep="\t")
     io.write_table(truth, paths.pseudobulk_truth)
+    save_config(cfg, paths.sctape_config)
     log.info("wrote %s and %d pseudo-bulk samples to %s", paths.sctape_reference.name, len(truth), paths.sctape_dir)
 
 

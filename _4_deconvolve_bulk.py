@@ -2,6 +2,7 @@
 
 Reads:
     DATA_DIR/sctape/reference.txt.gz     cells x genes raw counts, row index = cell-type name (_2_)
+    DATA_DIR/sctape/config.json          _2_'s settings: PROTOCOL, how the reference was counted
     DATA_DIR/train/clusters.csv          cell-type names and their order (_1_)
     DATA_DIR/raw/GeneLength.txt          gene lengths for counts -> TPM (_0_)
     BULK                                 samples x genes or genes x samples, counts or TPM
@@ -18,9 +19,17 @@ Writes:
 Run:
     python _4_deconvolve_bulk.py                                   # train, then deconvolve _2_'s pseudo-bulks
     python _4_deconvolve_bulk.py --RETRAIN=false --BULK=my_bulk.tsv --BULK_UNIT=counts
+
+Units: every table reaches TAPE as transcripts per million. UMI counts (the 10x/Drop-seq
+reference, its pseudo-bulks) are one count per molecule, so their TPM is CPM; reads from
+full-length bulk RNA-seq grow with gene length, so their TPM divides by it. TAPE's own
+datatype="TPM" divides the UMI reference by length too, which on real bulks costs accuracy
+(Finotello MAE 0.129 -> 0.095 when fixed; README). BULK_PROTOCOL="auto" tells bulk counts of
+either kind apart from the data (the gene-length slope of bulk/reference, logged).
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -41,7 +50,8 @@ FIG_DIR = "fig"  # proportions_scatter.png goes here
 SEED = 0  # seeds TAPE's simulation (numpy) and training (torch); same seed, same model
 RETRAIN = True  # false: predict with checkpoints/tape.pt, no training
 BULK = ""  # bulk table (CSV/TSV, optionally .gz, either orientation); "" = _2_'s pseudo-bulks
-BULK_UNIT = "TPM"  # "counts" (converted to TPM with GeneLength.txt) or "TPM"; TAPE needs TPM
+BULK_UNIT = "TPM"  # "counts" or "TPM" (used as is); TAPE needs TPM
+BULK_PROTOCOL = "auto"  # counts only: "full_length" (RNA-seq reads: TPM with GeneLength.txt), "umi" (pseudo-bulk of UMI cells: CPM) or "auto" (from the gene-length slope vs the reference, logged)
 BULK_TRUTH = ""  # samples x cell types proportions to score against; "" = _2_'s truth with the default BULK
 MIN_SHARED_GENES = 1000  # fewer bulk genes shared with the reference than this is an error
 SAMPLENUM = 2000  # simulated training bulks (TAPE: 5,000, the original: 15,000); ~5 min CPU at lung scale (README)
@@ -62,6 +72,18 @@ def read_reference(path) -> pd.DataFrame:
     reference.columns = reference.columns.astype(str)
     io.check_counts(reference.to_numpy(), path)
     return reference.astype(np.float32)
+
+
+def reference_protocol(config_path) -> str:
+    """How the reference was counted, as _2_ recorded it (its PROTOCOL setting)."""
+    try:
+        protocol = json.loads(config_path.read_text())["PROTOCOL"]
+    except (OSError, ValueError, KeyError):
+        raise InputError(f"{config_path} has no PROTOCOL (written by an older _2_): "
+                         "rerun _2_prepare_sctape.py") from None
+    if protocol not in tape.PROTOCOLS:
+        raise InputError(f"{config_path}: PROTOCOL must be one of {tape.PROTOCOLS}, got {protocol!r}")
+    return protocol
 
 
 def order_like(pred: pd.DataFrame, type_names: list[str], source: str) -> pd.DataFrame:
@@ -111,19 +133,23 @@ def main(argv=None) -> pd.DataFrame:
     gene_lengths = io.read_gene_lengths(paths.gene_length)
 
     if cfg.RETRAIN:
-        require_files([paths.sctape_reference], "_2_prepare_sctape.py")
+        require_files([paths.sctape_reference, paths.sctape_config], "_2_prepare_sctape.py")
+        protocol = reference_protocol(paths.sctape_config)
         reference = read_reference(paths.sctape_reference)
-        log.info("reference %s: %d cells x %d genes, %d types", paths.sctape_reference,
-                 reference.shape[0], reference.shape[1], reference.index.nunique())
+        log.info("reference %s: %d cells x %d genes, %d types, %s counts", paths.sctape_reference,
+                 reference.shape[0], reference.shape[1], reference.index.nunique(), protocol)
         reference_genes = reference.columns
+        profile = tape.reference_profile(reference, protocol, gene_lengths)
     else:
         ckpt = tape.load_checkpoint(paths.tape_checkpoint)
-        reference_genes = ckpt["genes"]
-        log.info("loaded %s (%d genes, %d cell types)", paths.tape_checkpoint, len(ckpt["genes"]),
-                 len(ckpt["cell_types"]))
+        reference_genes, protocol = ckpt["genes"], tape.checkpoint_protocol(ckpt)
+        profile = tape.checkpoint_profile(ckpt)
+        log.info("loaded %s (%d genes, %d cell types, %s reference)", paths.tape_checkpoint, len(ckpt["genes"]),
+                 len(ckpt["cell_types"]), protocol)
 
     bulk_tpm, _ = tape.prepare_bulk(tape.read_table(bulk_path), cfg.BULK_UNIT, reference_genes, gene_lengths,
-                                    cfg.MIN_SHARED_GENES, str(bulk_path))
+                                    cfg.MIN_SHARED_GENES, str(bulk_path), protocol=cfg.BULK_PROTOCOL,
+                                    profile=profile)
 
     model = None
     if cfg.RETRAIN:
@@ -132,7 +158,8 @@ def main(argv=None) -> pd.DataFrame:
                              f"{paths.train_dir / CLUSTERS} has {sorted(type_names)}: rerun _2_prepare_sctape.py")
         settings = tape.TapeSettings(
             samplenum=cfg.SAMPLENUM, n_cells=cfg.N_CELLS, epochs=cfg.EPOCHS, batch_size=cfg.BATCH_SIZE,
-            variance_threshold=cfg.VARIANCE_THRESHOLD, adaptive=cfg.ADAPTIVE, sparse=cfg.SPARSE, seed=cfg.SEED)
+            variance_threshold=cfg.VARIANCE_THRESHOLD, adaptive=cfg.ADAPTIVE, sparse=cfg.SPARSE, seed=cfg.SEED,
+            reference_protocol=protocol)
         fit = tape.fit_tape(reference, bulk_tpm, gene_lengths, settings, paths.checkpoints_dir, n_threads)
         del reference
         tape.save_checkpoint(fit, paths.tape_checkpoint)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 import _4_deconvolve_bulk as stage4  # noqa: E402
 from models import deconvolution as tape  # noqa: E402
 from models import io  # noqa: E402
-from models.bulk import counts_to_tpm, sample_pseudobulks  # noqa: E402
+from models.bulk import counts_to_expression, sample_pseudobulks  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.metrics import lin_ccc, pearson_r, proportion_metrics  # noqa: E402
 from models.split import stratified_split  # noqa: E402
@@ -63,6 +63,8 @@ N_CELLS = stage4.N_CELLS
 EPOCHS = stage4.EPOCHS
 BATCH_SIZE = stage4.BATCH_SIZE
 ADAPTIVE = stage4.ADAPTIVE  # lung timing predicts with this setting (zheng/finotello report both)
+REFERENCE_PROTOCOL = "umi"  # the Zheng 10x and the synthetic references are UMI counts (_2_'s PROTOCOL)
+FINOTELLO_TAPE_TPM = True  # finotello: also train TAPE's own way (datatype="TPM": UMI reference / length)
 PART_SWEEP = True  # zheng: also the other SWEEP_SAMPLENUM values (else only the defaults)
 SWEEP_SAMPLENUM = [1000, 2000, 4000]  # simulated training bulks tried in the sweep
 SWEEP_EPOCHS = [16, 32, 64, 128]  # MAE read after these many epochs of one run
@@ -128,20 +130,25 @@ def zheng_setup(cfg):
                                index=["whole_test"], columns=names)
     bulk_counts = pd.concat([bulk_counts, whole])
     truth = pd.concat([truth, whole_truth])
-    bulk_tpm, _ = tape.prepare_bulk(bulk_counts, "counts", genes, lengths, 1000, "zheng pseudo-bulks")
+    profile = tape.reference_profile(reference, cfg.REFERENCE_PROTOCOL, lengths)
+    bulk_tpm, report = tape.prepare_bulk(bulk_counts, "counts", genes, lengths, 1000, "zheng pseudo-bulks",
+                                         protocol="auto", profile=profile)
+    print(f"Zheng pseudo-bulks (UMI sums): gene-length slope vs the reference {report.length_slope:.2f} -> "
+          f"BULK_PROTOCOL=auto reads them as {report.protocol}")
     log.info("Zheng: %d train cells, %d test cells, %d genes, %d types", len(train), len(test), len(genes), len(names))
     return reference, lengths, bulk_tpm, truth
 
 
 def settings_from(cfg, **override) -> tape.TapeSettings:
     values = dict(samplenum=cfg.SAMPLENUM, n_cells=cfg.N_CELLS, epochs=cfg.EPOCHS, batch_size=cfg.BATCH_SIZE,
-                  adaptive=cfg.ADAPTIVE, seed=cfg.SEED)
+                  adaptive=cfg.ADAPTIVE, seed=cfg.SEED, reference_protocol=cfg.REFERENCE_PROTOCOL)
     values.update(override)
     return tape.TapeSettings(**values)
 
 
-def nnls_mass_corrected(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, lengths: pd.Series) -> pd.DataFrame:
-    """NNLS of each bulk on the types' mean length-normalised profiles, one common scale.
+def nnls_mass_corrected(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, lengths: pd.Series,
+                        protocol: str) -> pd.DataFrame:
+    """NNLS of each bulk on the types' mean per-transcript profiles, one common scale.
 
     Unlike per-type TPM profiles (which estimate mRNA fractions), keeping each type's mean
     counts per cell makes the weights cell fractions, the quantity TAPE and the truth report.
@@ -150,7 +157,9 @@ def nnls_mass_corrected(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, lengths
 
     means = reference.groupby(level=0, sort=True).mean()
     genes = means.columns.intersection(lengths.index).intersection(bulk_tpm.columns)
-    profiles = means[genes].to_numpy(np.float64) / lengths.loc[genes].to_numpy()[None, :]
+    profiles = means[genes].to_numpy(np.float64)
+    if protocol == "full_length":
+        profiles /= lengths.loc[genes].to_numpy()[None, :]
     profiles *= 1e6 / profiles.sum(axis=1).mean()
     rows = []
     for sample in bulk_tpm.index:
@@ -173,7 +182,9 @@ def part_finotello(cfg, results: dict, cache: dict) -> None:
     reference, lengths, _, _ = cache.setdefault("zheng", zheng_setup(cfg))
     counts = pd.read_csv(shared_dir / "bulk_finotello_pbmc" / "bulk_counts.tsv.gz", sep="\t", index_col=0)
     facs = pd.read_csv(shared_dir / "bulk_finotello_pbmc" / "facs_fractions.csv", index_col=0)
-    bulk_tpm, report = tape.prepare_bulk(counts, "counts", reference.columns, lengths, 1000, "finotello bulk")
+    profile = tape.reference_profile(reference, cfg.REFERENCE_PROTOCOL, lengths)
+    bulk_tpm, report = tape.prepare_bulk(counts, "counts", reference.columns, lengths, 1000, "finotello bulk",
+                                         protocol="auto", profile=profile)
     categories = sorted(set(MAPPING.values()))
     truth = facs[categories].div(facs[categories].sum(axis=1), axis=0)
     settings = settings_from(cfg)
@@ -187,17 +198,33 @@ def part_finotello(cfg, results: dict, cache: dict) -> None:
     with timed("predict_adaptive", times):
         adaptive = tape.predict_proportions(ckpt, bulk_tpm, adaptive=True, model=fit.model, n_threads=THREADS,
                                             workdir="/tmp/bench_tape")
-    nnls_tpm = tape.nnls_proportions(reference, bulk_tpm, lengths)
-    nnls_cells = nnls_mass_corrected(reference, bulk_tpm, lengths)
+    nnls_tpm = tape.nnls_proportions(reference, bulk_tpm, lengths, cfg.REFERENCE_PROTOCOL)
+    nnls_cells = nnls_mass_corrected(reference, bulk_tpm, lengths, cfg.REFERENCE_PROTOCOL)
+    methods = [("TAPE adaptive", adaptive), ("TAPE non-adaptive", plain),
+               ("NNLS, per-type TPM profiles", nnls_tpm), ("NNLS, cell-scaled profiles", nnls_cells)]
+    if cfg.FINOTELLO_TAPE_TPM and cfg.REFERENCE_PROTOCOL == "umi":
+        # TAPE's own datatype="TPM": the UMI reference's simulated bulks are divided by gene length too.
+        with timed("train_tape_tpm", times):
+            fit_tpm = tape.fit_tape(reference, bulk_tpm, lengths, settings_from(cfg, reference_protocol="full_length"),
+                                    "/tmp/bench_tape", THREADS,
+                                    simulated=None if simulated is None else simulated.copy())
+        ckpt_tpm = tape.checkpoint_dict(fit_tpm)
+        methods += [
+            ("TAPE non-adaptive, TAPE's datatype=TPM", tape.predict_proportions(ckpt_tpm, bulk_tpm, adaptive=False,
+                                                                               model=fit_tpm.model)),
+            ("NNLS, per-type TPM profiles, length-divided", tape.nnls_proportions(reference, bulk_tpm, lengths,
+                                                                                 "full_length")),
+        ]
     print(f"\n## (b) Finotello real PBMC bulks ({len(bulk_tpm)} samples, {report.n_shared_reference} genes shared with "
           f"the Zheng reference, {len(fit.genes)} used), flow-cytometry truth over {categories}")
     print("mapping: " + ", ".join(f"{k} -> {v}" for k, v in MAPPING.items()) +
           "; mDC, Neutrophils, Other left out; truth and predictions renormalised over the shared categories")
+    print(f"bulk counts: gene-length slope vs the reference {report.length_slope:.2f} -> read as {report.protocol}; "
+          f"reference protocol {cfg.REFERENCE_PROTOCOL}")
     print(f"train {times['train']:.0f} s (with the Zheng simulation reused), adaptive predict {times['predict_adaptive']:.0f} s")
     print("| method | MAE | r | CCC | per-sample r (min..max) |")
     print("|---|---|---|---|---|")
-    for name, pred in [("TAPE adaptive", adaptive), ("TAPE non-adaptive", plain),
-                       ("NNLS, per-type TPM profiles", nnls_tpm), ("NNLS, cell-scaled profiles", nnls_cells)]:
+    for name, pred in methods:
         mapped = map_to_flow(pred, categories)
         table = proportion_metrics(mapped, truth)
         o = table.loc["overall"]
@@ -240,7 +267,8 @@ def part_lung(cfg, results: dict, cache: dict) -> None:
     codes, order = io.encode_labels(names)
     reference = pd.DataFrame(counts[train], index=names[train], columns=genes)
     sums, truth, _ = sample_pseudobulks(sp.csr_matrix(counts[test]), codes[test], order, 5, cfg.SEED)
-    bulk_tpm, _ = counts_to_tpm(pd.DataFrame(sums, index=truth.index, columns=genes), lengths)
+    bulk_tpm, _ = counts_to_expression(pd.DataFrame(sums, index=truth.index, columns=genes), lengths,
+                                       cfg.REFERENCE_PROTOCOL)
     del counts
     settings = settings_from(cfg, epochs=cfg.LUNG_EPOCHS or cfg.EPOCHS)
     times = {}
@@ -289,7 +317,7 @@ def part_zheng(cfg, results: dict, cache: dict) -> None:
         t0 = time.perf_counter()
         simulated = tape.simulate_bulks(reference, settings, "/tmp/bench_tape", THREADS)
         sim_s = time.perf_counter() - t0
-        train_tpm = tape.simulated_tpm(simulated, lengths)
+        train_tpm = tape.simulated_tpm(simulated, lengths, settings.reference_protocol)
         genes = tape.select_genes(train_tpm, bulk_tpm, settings.variance_threshold)
         x, y = tape.scale_samples(train_tpm, genes), simulated.obs.to_numpy(np.float64)
         ckpt = {"genes": genes, "cell_types": [str(c) for c in simulated.obs.columns]}
@@ -334,8 +362,8 @@ def part_zheng(cfg, results: dict, cache: dict) -> None:
             results[f"sweep/{samplenum}/{epochs}"] = result
         del model, optimizer, loader, x
     plain, adapt, train_s, sim_s, n_genes = default
-    nnls_tpm = tape.nnls_proportions(reference, bulk_tpm, lengths)
-    nnls_cells = nnls_mass_corrected(reference, bulk_tpm, lengths)
+    nnls_tpm = tape.nnls_proportions(reference, bulk_tpm, lengths, cfg.REFERENCE_PROTOCOL)
+    nnls_cells = nnls_mass_corrected(reference, bulk_tpm, lengths, cfg.REFERENCE_PROTOCOL)
     print(f"\ndefault settings SAMPLENUM={cfg.SAMPLENUM} EPOCHS={cfg.EPOCHS} on Zheng ({n_genes} genes): "
           f"simulate {sim_s:.0f} s, train {train_s:.0f} s")
     print("| method | MAE (pseudo-bulks) | RMSE | r | CCC | MAE, 1 pseudo-bulk of the whole test split |")
@@ -358,7 +386,7 @@ def main(argv=None) -> dict:
     bound_heap_fragmentation()
     print(f"# bench_deconvolution  command: {' '.join([sys.executable, *sys.argv])}")
     print(f"machine: {machine()}; defaults under test: SAMPLENUM={cfg.SAMPLENUM} N_CELLS={cfg.N_CELLS} "
-          f"EPOCHS={cfg.EPOCHS} BATCH_SIZE={cfg.BATCH_SIZE}")
+          f"EPOCHS={cfg.EPOCHS} BATCH_SIZE={cfg.BATCH_SIZE} REFERENCE_PROTOCOL={cfg.REFERENCE_PROTOCOL}")
     parts = {"zheng": part_zheng, "finotello": part_finotello, "lung": part_lung}
     chosen = ["zheng", "finotello", "lung"] if cfg.PART == "all" else cfg.PART.split(",")
     results, cache = {}, {}

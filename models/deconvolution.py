@@ -26,6 +26,12 @@ TAPE's sharp edges, each walled off here:
 - its ``print`` calls -> logged at DEBUG;
 - torch threads -> set explicitly for the call and restored;
 - ``datatype="TPM"`` converts only the simulated data -> :func:`prepare_bulk` makes the bulk TPM;
+- ``datatype="TPM"`` divides the simulated *UMI* counts by gene length, which UMI counts do not
+  carry (one count = one molecule), while a real bulk's TPM has its read-length bias removed: the
+  two disagree by the gene length on every gene -> the reference's counts are converted as its
+  protocol requires (``reference_protocol``: "umi" = CPM, TAPE's datatype="counts" on CPM;
+  "full_length" = TAPE's datatype="TPM"), and bulk counts likewise (:func:`prepare_bulk`, which
+  can tell the two apart from the data);
 - its variance filter over bulk samples is NaN for a single bulk sample and drops every gene
   -> with one bulk sample that filter is skipped (documented deviation);
 - it reseeds numpy/torch's global generators (every adaptive step) -> states restored;
@@ -48,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.bulk import counts_to_tpm
+from models.bulk import PROTOCOLS, counts_to_cpm, counts_to_expression, counts_to_tpm, length_bias_slope
 from models.utils import InputError, bound_heap_fragmentation, set_torch_threads
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,12 @@ TAPE_VERSION = "1.1.2"
 ADAPTIVE_STEP = 300
 ADAPTIVE_MAX_ITER = 3
 UNITS = ("counts", "TPM")
+BULK_PROTOCOLS = ("auto", *PROTOCOLS)
+# Bulk counts whose log ratio to the reference rises with log gene length by at least this much
+# are read counts from full-length RNA-seq (0.29..0.42 on the Finotello bulks vs the Zheng 10x
+# reference); at or near 0 they are UMI counts like the reference's (|slope| <= 0.10 on Zheng
+# pseudo-bulks). See models.bulk.length_bias_slope.
+LENGTH_SLOPE_CUTOFF = 0.15
 
 
 # ============================================================================= TAPE import
@@ -151,6 +163,8 @@ class BulkReport:
     n_shared_lengths: int | None
     n_duplicated: int
     unit: str
+    protocol: str | None = None  # how counts were converted ("umi" / "full_length"); None for TPM
+    length_slope: float | None = None  # median over samples of models.bulk.length_bias_slope
 
     def __str__(self) -> str:
         lengths = "" if self.n_shared_lengths is None else \
@@ -158,6 +172,52 @@ class BulkReport:
         return (f"{self.source}: read as {self.orientation}: {self.n_samples} samples x "
                 f"{self.n_genes:,} genes ({self.unit}); {self.n_shared_reference:,} genes shared with "
                 f"the reference{lengths}")
+
+
+def reference_profile(reference: pd.DataFrame, protocol: str, gene_lengths: pd.Series | None) -> pd.Series:
+    """The reference's mean expression per gene in transcripts per million (its protocol's way).
+
+    reference: cells x genes counts. The pooled mean over cells, then CPM ("umi") or TPM
+    ("full_length"); what bulk counts are compared with to tell their protocol.
+    """
+    mean = reference.mean(axis=0).to_frame().T
+    expression, _ = counts_to_expression(mean, gene_lengths, protocol)
+    return expression.iloc[0]
+
+
+def decide_protocol(counts: pd.DataFrame, requested: str, profile: pd.Series | None,
+                    gene_lengths: pd.Series | None, source: str) -> tuple[str, float | None]:
+    """Which protocol bulk ``counts`` come from: ``requested``, or with "auto" from the data.
+
+    "auto" measures how the bulk's ratio to the reference grows with gene length
+    (:func:`models.bulk.length_bias_slope`, median over samples): at least
+    LENGTH_SLOPE_CUTOFF -> "full_length" (reads; TPM divides by length), else "umi" (CPM).
+    Without a profile or gene lengths the slope is unknown and "auto" means "full_length".
+    """
+    if requested not in BULK_PROTOCOLS:
+        raise InputError(f"BULK_PROTOCOL must be one of {BULK_PROTOCOLS}, got {requested!r}")
+    slope = None
+    if profile is not None and gene_lengths is not None:
+        slopes = length_bias_slope(counts, profile, gene_lengths)
+        if np.isfinite(slopes).any():
+            slope = float(np.nanmedian(slopes))
+    if requested == "auto":
+        if slope is None:
+            log.warning("%s: cannot measure the gene-length bias against the reference (no profile or "
+                        "too few shared genes); reading the counts as full-length RNA-seq reads (TPM with "
+                        "gene lengths). Pass --BULK_PROTOCOL=umi for a pseudo-bulk of UMI counts", source)
+            return "full_length", None
+        chosen = "full_length" if slope >= LENGTH_SLOPE_CUTOFF else "umi"
+        what = ("full-length RNA-seq reads: counts / gene length -> TPM" if chosen == "full_length"
+                else "UMI counts like the reference's (e.g. a pseudo-bulk of single cells): CPM, no length")
+        log.info("%s: log(bulk / reference) rises with log(gene length) at slope %.2f (cutoff %.2f) -> "
+                 "%s (override with --BULK_PROTOCOL=umi|full_length)", source, slope, LENGTH_SLOPE_CUTOFF, what)
+        return chosen, slope
+    if slope is not None and (slope >= LENGTH_SLOPE_CUTOFF) != (requested == "full_length"):
+        log.warning("%s: BULK_PROTOCOL=%s, but the gene-length slope against the reference is %.2f, which "
+                    "looks like %s counts (cutoff %.2f)", source, requested, slope,
+                    "full-length" if slope >= LENGTH_SLOPE_CUTOFF else "UMI", LENGTH_SLOPE_CUTOFF)
+    return requested, slope
 
 
 def orient_bulk(table: pd.DataFrame, reference_genes, source: str) -> tuple[pd.DataFrame, str]:
@@ -206,11 +266,14 @@ def check_bulk_values(bulk: pd.DataFrame, source: str) -> pd.DataFrame:
 
 
 def prepare_bulk(table: pd.DataFrame, unit: str, reference_genes, gene_lengths: pd.Series | None,
-                 min_shared_genes: int, source: str) -> tuple[pd.DataFrame, BulkReport]:
+                 min_shared_genes: int, source: str, protocol: str = "full_length",
+                 profile: pd.Series | None = None) -> tuple[pd.DataFrame, BulkReport]:
     """A user's bulk table -> samples x genes TPM, with checks and a report.
 
-    unit: "counts" (converted with ``gene_lengths``, TAPE's counts2TPM formula) or "TPM"
-    (used as is; TAPE's datatype="TPM" converts only the simulated training data).
+    unit: "counts" or "TPM" (used as is: TPM is already per transcript).
+    protocol (counts only): "full_length" (RNA-seq reads: TPM with ``gene_lengths``, TAPE's
+    counts2TPM), "umi" (UMI counts, e.g. a pseudo-bulk of 10x cells: CPM, which is their TPM)
+    or "auto" (decided by :func:`decide_protocol` against the reference ``profile``).
     Raises InputError naming ``source`` for bad values or fewer than ``min_shared_genes``
     genes shared with the reference.
     """
@@ -224,6 +287,8 @@ def prepare_bulk(table: pd.DataFrame, unit: str, reference_genes, gene_lengths: 
     n_len = None if gene_lengths is None else len(bulk.columns.intersection(gene_lengths.index))
     report = BulkReport(source, orientation, bulk.shape[0], bulk.shape[1], n_ref, n_len, n_dup, unit)
     log.info("%s", report)
+    if protocol not in BULK_PROTOCOLS:
+        raise InputError(f"BULK_PROTOCOL must be one of {BULK_PROTOCOLS}, got {protocol!r}")
     if n_ref < min_shared_genes:
         raise InputError(f"{source}: only {n_ref} genes shared with the reference (MIN_SHARED_GENES="
                          f"{min_shared_genes}); check the gene naming (symbols vs Ensembl IDs) "
@@ -236,14 +301,18 @@ def prepare_bulk(table: pd.DataFrame, unit: str, reference_genes, gene_lengths: 
             log.warning("%s: BULK_UNIT='TPM' but the values are integers with row sums %.3g..%.3g; "
                         "if these are raw counts pass --BULK_UNIT=counts", source, sums.min(), sums.max())
         return bulk, report
+    if not looks_integer:
+        log.warning("%s: BULK_UNIT='counts' but the values are not integers; fine for estimated "
+                    "counts (salmon/RSEM), wrong for TPM/FPKM (pass --BULK_UNIT=TPM)", source)
+    report.protocol, report.length_slope = decide_protocol(bulk, protocol, profile, gene_lengths, source)
+    if report.protocol == "umi":
+        log.info("%s: UMI counts -> CPM (their TPM: one count per molecule, no length correction)", source)
+        return counts_to_cpm(bulk), report
     if gene_lengths is None:
         raise InputError("BULK_UNIT='counts' needs the gene-length table to convert to TPM")
     if n_len < min_shared_genes:
         raise InputError(f"{source}: only {n_len} genes have a length in the gene-length table "
                          f"(MIN_SHARED_GENES={min_shared_genes}); counts cannot be converted to TPM")
-    if not looks_integer:
-        log.warning("%s: BULK_UNIT='counts' but the values are not integers; fine for estimated "
-                    "counts (salmon/RSEM), wrong for TPM/FPKM (pass --BULK_UNIT=TPM)", source)
     try:
         tpm, overlap = counts_to_tpm(bulk, gene_lengths)
     except ValueError as err:
@@ -309,6 +378,7 @@ class TapeSettings:
     adaptive: bool = False
     sparse: bool = True  # half the simulated samples get half the types set to zero
     seed: int = 0
+    reference_protocol: str = "umi"  # "umi": simulated counts -> CPM; "full_length": -> TPM (TAPE's)
 
 
 @dataclass
@@ -321,6 +391,7 @@ class TapeFit:
     settings: TapeSettings
     train_seconds: float = 0.0
     simulate_seconds: float = 0.0
+    profile: pd.Series | None = None  # reference_profile(), for telling a new bulk's protocol
     extra: dict = field(default_factory=dict)
 
 
@@ -342,11 +413,12 @@ def simulate_bulks(reference: pd.DataFrame, settings: TapeSettings, workdir: str
     return simulated
 
 
-def simulated_tpm(simulated, gene_lengths: pd.Series) -> pd.DataFrame:
-    """TPM of TAPE's simulated counts over genes with a length (TAPE's counts2TPM)."""
+def simulated_tpm(simulated, gene_lengths: pd.Series | None, protocol: str = "full_length") -> pd.DataFrame:
+    """TPM of TAPE's simulated counts: CPM for "umi" counts, TAPE's counts2TPM for "full_length"."""
     counts = pd.DataFrame(np.asarray(simulated.X), columns=simulated.var_names.astype(str))
-    tpm, overlap = counts_to_tpm(counts, gene_lengths)
-    log.info("simulated training bulks -> TPM: %s", overlap)
+    tpm, overlap = counts_to_expression(counts, gene_lengths, protocol)
+    log.info("simulated training bulks -> %s", "CPM (UMI counts: no length correction)" if overlap is None
+             else f"TPM: {overlap}")
     return tpm
 
 
@@ -364,7 +436,9 @@ def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
     if simulated is None:
         simulated = simulate_bulks(reference, settings, workdir, n_threads)
     simulate_seconds = time.perf_counter() - start
-    train_tpm = simulated_tpm(simulated, gene_lengths)
+    if settings.reference_protocol not in PROTOCOLS:
+        raise InputError(f"the reference protocol must be one of {PROTOCOLS}, got {settings.reference_protocol!r}")
+    train_tpm = simulated_tpm(simulated, gene_lengths, settings.reference_protocol)
     genes = select_genes(train_tpm, bulk_tpm, settings.variance_threshold)
     if not genes:
         raise InputError("no gene survives TAPE's variance filter and the intersection with the bulk")
@@ -381,12 +455,16 @@ def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
                                        epochs=settings.epochs)
     train_seconds = time.perf_counter() - start
     log.info("TAPE simulation %.1f s, training %.1f s", simulate_seconds, train_seconds)
-    return TapeFit(model, genes, cell_types, settings, train_seconds, simulate_seconds)
+    profile = reference_profile(reference, settings.reference_protocol, gene_lengths)
+    return TapeFit(model, genes, cell_types, settings, train_seconds, simulate_seconds,
+                   profile=profile.reindex(genes, fill_value=0.0))
 
 
 # ============================================================================= checkpoint
 def checkpoint_dict(fit: TapeFit) -> dict:
     """Everything prediction needs, as tensors and primitives (``torch.load(weights_only=True)``)."""
+    import torch
+
     return {
         "state_dict": {k: v.detach().cpu() for k, v in fit.model.state_dict().items()},
         "input_dim": int(fit.model.inputdim),
@@ -394,11 +472,15 @@ def checkpoint_dict(fit: TapeFit) -> dict:
         "genes": list(fit.genes),
         "cell_types": list(fit.cell_types),
         # How a bulk becomes the model's input (see scale_samples).
-        "preprocessing": {"unit": "TPM", "transform": "log(x+1)", "scaler": "mms", "axis": "per sample"},
+        "preprocessing": {"unit": "TPM", "reference_protocol": fit.settings.reference_protocol,
+                          "transform": "log(x+1)", "scaler": "mms", "axis": "per sample"},
         "settings": asdict(fit.settings),
         "tape_version": TAPE_VERSION,
         "train_seconds": float(fit.train_seconds),
         "simulate_seconds": float(fit.simulate_seconds),
+        # The reference's mean TPM over `genes`: lets a reloaded model tell a new bulk's protocol.
+        **({} if fit.profile is None else
+           {"profile": torch.as_tensor(fit.profile.reindex(fit.genes).to_numpy(np.float64))}),
     }
 
 
@@ -426,6 +508,18 @@ def load_checkpoint(path: str | Path) -> dict:
     if not needed <= set(ckpt):
         raise InputError(f"{path}: not a bulk2sc TAPE checkpoint (keys {sorted(ckpt)}); retrain")
     return ckpt
+
+
+def checkpoint_profile(ckpt: dict) -> pd.Series | None:
+    """The reference profile saved in a checkpoint (None in checkpoints from before it was saved)."""
+    if "profile" not in ckpt:
+        return None
+    return pd.Series(np.asarray(ckpt["profile"], dtype=np.float64), index=list(ckpt["genes"]))
+
+
+def checkpoint_protocol(ckpt: dict) -> str:
+    """The reference protocol a checkpoint was trained with; older checkpoints used TAPE's TPM."""
+    return str(ckpt.get("settings", {}).get("reference_protocol", "full_length"))
 
 
 def model_from_checkpoint(ckpt: dict):
@@ -504,17 +598,18 @@ def predict_proportions(ckpt: dict, bulk_tpm: pd.DataFrame, adaptive: bool | Non
     return pd.DataFrame(pred, index=bulk_tpm.index, columns=list(ckpt["cell_types"]))
 
 
-def nnls_proportions(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series) -> pd.DataFrame:
+def nnls_proportions(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series | None,
+                     protocol: str = "umi") -> pd.DataFrame:
     """Baseline: non-negative least squares of each bulk on the reference's mean TPM profiles.
 
     reference: cells x genes counts, index = type name. Each type's mean count profile is
-    converted to TPM (same gene lengths), so proportions are in the units of TPM mass per type;
-    rows are normalised to sum to 1.
+    converted to TPM as its ``protocol`` requires (CPM for UMI counts), so proportions are in the
+    units of TPM mass per type; rows are normalised to sum to 1.
     """
     from scipy.optimize import nnls
 
     means = reference.groupby(level=0, sort=True).mean()
-    profiles, _ = counts_to_tpm(means, gene_lengths)
+    profiles, _ = counts_to_expression(means, gene_lengths, protocol)
     genes = profiles.columns.intersection(bulk_tpm.columns)
     design = profiles[genes].to_numpy().T  # genes x types
     rows = []

@@ -44,6 +44,7 @@ class Paths:
         self.pseudobulk_counts = self.sctape_dir / "pseudobulk_counts.tsv"
         self.pseudobulk_tpm = self.sctape_dir / "pseudobulk_tpm.tsv"
         self.pseudobulk_truth = self.sctape_dir / "pseudobulk_truth.csv"
+        self.sctape_config = self.sctape_dir / "config.json"  # _2_'s settings; PROTOCOL is read by _4_
 
         # _3_train_gmvae.py / _4_deconvolve_bulk.py -> checkpoints/
         self.checkpoints_dir = self.data_dir / "checkpoints"

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from models.bulk import counts_to_fpkm, counts_to_tpm, sample_pseudobulks
+from models.bulk import (counts_to_cpm, counts_to_expression, counts_to_fpkm, counts_to_tpm, length_bias_slope,
+                         sample_pseudobulks)
 from models.io import read_gene_lengths
 
 
@@ -64,3 +65,36 @@ def test_pseudobulks_are_independent_sums_with_true_proportions():
                 assert not set(members[i]) <= set(members[j])
     again = sample_pseudobulks(counts, partition, ["a", "b", "c"], n_samples=5, seed=7)
     np.testing.assert_array_equal(again[0], summed)
+
+
+def test_umi_counts_become_cpm_and_full_length_counts_tpm():
+    counts = pd.DataFrame([[10, 30, 60], [1, 1, 2]], index=["s1", "s2"], columns=["A", "B", "NOLEN"])
+    lengths = pd.Series({"A": 1000.0, "B": 3000.0})
+    cpm, overlap = counts_to_expression(counts, lengths, "umi")
+    assert overlap is None and list(cpm.columns) == ["A", "B", "NOLEN"]  # no gene needs a length
+    np.testing.assert_allclose(cpm.loc["s1"], [1e5, 3e5, 6e5])
+    pd.testing.assert_frame_equal(cpm, counts_to_cpm(counts))
+    tpm, overlap = counts_to_expression(counts, lengths, "full_length")
+    assert overlap.n_shared == 2
+    np.testing.assert_allclose(tpm.loc["s1"], [5e5, 5e5])  # 10/1000 and 30/3000 are equal per base
+    with pytest.raises(ValueError, match="protocol"):
+        counts_to_expression(counts, lengths, "smartseq")
+    with pytest.raises(ValueError, match="no counts"):
+        counts_to_cpm(counts * 0)
+
+
+@pytest.mark.parametrize("true_slope", [0.0, 0.35, 1.0])
+def test_length_bias_slope_recovers_a_planted_length_effect(true_slope):
+    rng = np.random.default_rng(3)
+    n_genes = 3000
+    genes = [f"G{i}" for i in range(n_genes)]
+    lengths = pd.Series(np.exp(rng.uniform(np.log(500), np.log(50_000), n_genes)), index=genes)
+    profile = pd.Series(np.exp(rng.normal(3.0, 1.5, n_genes)), index=genes)
+    # Two samples: the profile with gene-wise biological noise, times length**slope, Poisson reads.
+    means = profile.to_numpy() * np.exp(rng.normal(0, 0.3, (2, n_genes))) * lengths.to_numpy() ** true_slope
+    means *= 2e7 / means.sum(axis=1, keepdims=True)
+    counts = pd.DataFrame(rng.poisson(means), columns=genes)
+    slopes = length_bias_slope(counts, profile, lengths)
+    np.testing.assert_allclose(slopes, true_slope, atol=0.05)
+    # Genes without a length or below min_cpm are ignored; too few genes left gives NaN.
+    assert np.isnan(length_bias_slope(counts.iloc[:, :40], profile, lengths)).all()

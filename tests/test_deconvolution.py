@@ -1,6 +1,7 @@
 """models/deconvolution.py and _4_deconvolve_bulk.py on tiny simulated data (seconds, no network)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -14,7 +15,7 @@ import torch
 import _4_deconvolve_bulk as stage4
 from models import deconvolution as tape
 from models import io
-from models.bulk import counts_to_tpm
+from models.bulk import counts_to_cpm, counts_to_tpm
 from models.paths import Paths
 from models.utils import InputError
 
@@ -48,12 +49,41 @@ def inputs(data_dir):
 
 
 @pytest.fixture(scope="module")
-def fitted(inputs, tmp_path_factory):
+def simulated(inputs, tmp_path_factory):
+    return tape.simulate_bulks(inputs[0], TINY, tmp_path_factory.mktemp("sim"))
+
+
+@pytest.fixture(scope="module")
+def fits(inputs, simulated, tmp_path_factory):
+    """protocol -> TapeFit trained on the same simulated bulks, read as UMI or full-length counts."""
     reference, lengths, bulk, _ = inputs
-    simulated = tape.simulate_bulks(reference, TINY, tmp_path_factory.mktemp("sim"))
-    fit = tape.fit_tape(reference, bulk, lengths, TINY, tmp_path_factory.mktemp("fit"), n_threads=1,
-                        simulated=simulated.copy())
-    return fit, simulated
+    cache = {}
+
+    def fit(protocol: str):
+        if protocol not in cache:
+            settings = dataclasses.replace(TINY, reference_protocol=protocol)
+            cache[protocol] = tape.fit_tape(reference, bulk, lengths, settings, tmp_path_factory.mktemp("fit"),
+                                            n_threads=1, simulated=simulated.copy())
+        return cache[protocol]
+    return fit
+
+
+@pytest.fixture(scope="module")
+def fitted(fits, simulated):
+    return fits("umi"), simulated
+
+
+def as_tape_sees_it(simulated, protocol: str):
+    """(simulated copy, TAPE datatype) for which TAPE's own preprocessing is ours for ``protocol``.
+
+    full_length is TAPE's datatype="TPM"; umi is TAPE's datatype="counts" (no conversion) on
+    simulated bulks already in CPM.
+    """
+    simulated = simulated.copy()
+    if protocol == "full_length":
+        return simulated, "TPM"
+    simulated.X = np.asarray(simulated.X, np.float64) * 1e6 / np.asarray(simulated.X).sum(axis=1, keepdims=True)
+    return simulated, "counts"
 
 
 # ----------------------------------------------------------------------------- bulk input
@@ -82,6 +112,37 @@ def test_counts_unit_is_converted_to_tpm_and_tpm_passes_through(inputs, caplog):
     assert "--BULK_UNIT=counts" in caplog.text
     with pytest.raises(InputError, match="BULK_UNIT"):
         tape.prepare_bulk(counts, "FPKM", reference.columns, lengths, 50, "bulk.tsv")
+
+
+def test_bulk_protocol_umi_is_cpm_and_auto_tells_umi_from_full_length(inputs, caplog):
+    reference, lengths, _, counts = inputs
+    profile = tape.reference_profile(reference, "umi", lengths)
+    np.testing.assert_allclose(profile.sum(), 1e6)
+    args = (reference.columns, lengths, 50)
+    cpm, report = tape.prepare_bulk(counts, "counts", *args, "umi.tsv", protocol="umi")
+    pd.testing.assert_frame_equal(cpm, counts_to_cpm(counts.astype(np.float64)))
+    assert "GENE0" in cpm.columns and report.protocol == "umi"  # no length needed
+    caplog.set_level(logging.INFO)
+    # The pseudo-bulks are UMI sums of the reference's own cells: no length trend -> CPM.
+    auto, report = tape.prepare_bulk(counts, "counts", *args, "pseudo.tsv", protocol="auto", profile=profile)
+    assert report.protocol == "umi" and abs(report.length_slope) < tape.LENGTH_SLOPE_CUTOFF
+    pd.testing.assert_frame_equal(auto, cpm)
+    # The same molecules read as full-length RNA-seq: reads grow with gene length -> TPM.
+    shared = counts.columns.intersection(lengths.index)
+    reads = (counts[shared] * lengths[shared] / 100).round()
+    tpm, report = tape.prepare_bulk(reads, "counts", *args, "reads.tsv", protocol="auto", profile=profile)
+    assert report.protocol == "full_length" and report.length_slope > 0.8
+    pd.testing.assert_frame_equal(tpm, counts_to_tpm(reads.astype(np.float64), lengths)[0])
+    assert "reads.tsv" in caplog.text and "slope" in caplog.text
+    # Explicit settings win, with a warning when the data disagree; no profile means full_length.
+    caplog.clear()
+    caplog.set_level(logging.WARNING)
+    _, report = tape.prepare_bulk(reads, "counts", *args, "forced.tsv", protocol="umi", profile=profile)
+    assert report.protocol == "umi" and "forced.tsv: BULK_PROTOCOL=umi" in caplog.text
+    _, report = tape.prepare_bulk(counts, "counts", *args, "blind.tsv", protocol="auto")
+    assert report.protocol == "full_length" and "--BULK_PROTOCOL=umi" in caplog.text
+    with pytest.raises(InputError, match="BULK_PROTOCOL"):
+        tape.prepare_bulk(counts, "counts", *args, "x.tsv", protocol="smartseq")
 
 
 def test_gene_intersection_report(inputs, caplog):
@@ -142,14 +203,16 @@ def test_read_table_sniffs_separator(tmp_path, inputs):
 
 
 # ----------------------------------------------------------------------------- preprocessing = TAPE's
+@pytest.mark.parametrize("protocol", ["umi", "full_length"])
 @pytest.mark.filterwarnings("ignore:Series.__getitem__ treating keys as positions:FutureWarning")
-def test_preprocessing_matches_tape_process_input_data(fitted, inputs, data_dir, tmp_path):
-    fit, simulated = fitted
+def test_preprocessing_matches_tape_process_input_data(fits, simulated, inputs, data_dir, tmp_path, protocol):
+    fit = fits(protocol)
     bulk = inputs[2]
     TAPE = tape.import_tape()
+    theirs, datatype = as_tape_sees_it(simulated, protocol)
     with tape.tape_sandbox(tmp_path):  # GeneLength.txt of the fixture is comma-separated, as TAPE reads it
         train_x, train_y, test_x, genes, celltypes, _ = TAPE.utils.ProcessInputData(
-            simulated.copy(), bulk.copy(), datatype="TPM", genelenfile=str(Paths(data_dir).gene_length),
+            theirs, bulk.copy(), datatype=datatype, genelenfile=str(Paths(data_dir).gene_length),
             variance_threshold=0.98, scaler="mms")
     assert genes == fit.genes
     assert list(celltypes) == fit.cell_types
@@ -163,11 +226,13 @@ def test_single_bulk_sample_keeps_genes(fitted, inputs):
 
 
 # ----------------------------------------------------------------------------- equivalence and checkpoint
-@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize(("protocol", "adaptive"), [("umi", False), ("umi", True), ("full_length", False)])
 @pytest.mark.filterwarnings("ignore:Series.__getitem__ treating keys as positions:FutureWarning")
-def test_fit_and_predict_equal_tape_deconvolution(fitted, inputs, data_dir, tmp_path, monkeypatch, adaptive):
+def test_fit_and_predict_equal_tape_deconvolution(fits, simulated, inputs, data_dir, tmp_path, monkeypatch,
+                                                  protocol, adaptive):
     """Same simulated data, seed and settings: our route gives TAPE.Deconvolution's proportions."""
-    fit, simulated = fitted
+    fit = fits(protocol)
+    simulated, datatype = as_tape_sees_it(simulated, protocol)
     bulk = inputs[2]
     genelen = Paths(data_dir).gene_length
     TAPE = tape.import_tape()
@@ -176,7 +241,7 @@ def test_fit_and_predict_equal_tape_deconvolution(fitted, inputs, data_dir, tmp_
     monkeypatch.setattr(TAPE.train, "adaptive_stage", lambda model, data, opt_d, opt_e, step, max_iter:
                         full_adaptive_stage(model, data, opt_d, opt_e, step=15, max_iter=2))
     with tape.tape_sandbox(tmp_path, n_threads=1) as scratch:
-        _, theirs = TAPE.Deconvolution(simulated.copy(), bulk.copy(), datatype="TPM", genelenfile=str(genelen),
+        _, theirs = TAPE.Deconvolution(simulated, bulk.copy(), datatype=datatype, genelenfile=str(genelen),
                                        scaler="mms", mode="overall", adaptive=adaptive, batch_size=TINY.batch_size,
                                        epochs=TINY.epochs, seed=TINY.seed, save_model_name=str(scratch / "m"))
     ours = tape.predict_proportions(tape.checkpoint_dict(fit), bulk, adaptive=adaptive, n_threads=1,
@@ -193,6 +258,12 @@ def test_checkpoint_reloads_with_weights_only_and_predicts_the_same(fitted, inpu
     raw = torch.load(path, weights_only=True)  # would raise on any pickled class
     assert raw["genes"] == fit.genes and raw["cell_types"] == ["alpha", "beta", "gamma"]
     assert raw["settings"]["samplenum"] == TINY.samplenum
+    assert raw["settings"]["reference_protocol"] == "umi" == tape.checkpoint_protocol(raw)
+    profile = tape.checkpoint_profile(raw)  # the reference's CPM over the model's genes
+    assert list(profile.index) == fit.genes
+    np.testing.assert_allclose(profile.to_numpy(), fit.profile.loc[fit.genes].to_numpy())
+    older = {k: v for k, v in raw.items() if k not in ("profile", "settings")}  # saved before these existed
+    assert tape.checkpoint_profile(older) is None and tape.checkpoint_protocol(older) == "full_length"
     ckpt = tape.load_checkpoint(path)
     direct = tape.predict_proportions(tape.checkpoint_dict(fit), bulk, adaptive=False, model=fit.model)
     reloaded = tape.predict_proportions(ckpt, bulk, adaptive=False)
@@ -270,6 +341,30 @@ def test_stage4_end_to_end_then_predict_from_checkpoint(data_dir, tmp_path):
     again = stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={fig}", "--RETRAIN=false", f"--BULK={user}",
                          "--BULK_UNIT=counts", *TINY_ARGS])
     np.testing.assert_allclose(again.to_numpy(), pred.iloc[[2]].to_numpy(), atol=1e-6)
+
+
+def test_stage2_pseudobulk_tpm_follows_the_protocol(data_dir, tmp_path):
+    import json
+
+    paths = Paths(data_dir)
+    counts = pd.read_csv(paths.pseudobulk_counts, sep="\t", index_col=0)
+    tpm = pd.read_csv(paths.pseudobulk_tpm, sep="\t", index_col=0)
+    pd.testing.assert_frame_equal(tpm, counts_to_cpm(counts), rtol=1e-9)  # UMI default: CPM
+    assert json.loads(paths.sctape_config.read_text())["PROTOCOL"] == "umi"
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    import _2_prepare_sctape as stage2
+
+    stage2.main([f"--DATA_DIR={root}", "--N_PSEUDOBULK=4", "--PROTOCOL=full_length"])
+    full = pd.read_csv(Paths(root).pseudobulk_tpm, sep="\t", index_col=0)
+    pd.testing.assert_frame_equal(full, counts_to_tpm(counts, io.read_gene_lengths(paths.gene_length))[0],
+                                  rtol=1e-9)
+    with pytest.raises(InputError, match="PROTOCOL"):
+        stage2.main([f"--DATA_DIR={root}", "--PROTOCOL=smartseq"])
+    # _4_ needs to know how the reference was counted; an older _2_ did not say.
+    Paths(root).sctape_config.write_text("{}")
+    with pytest.raises(InputError, match="rerun _2_prepare_sctape.py"):
+        stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path}", *TINY_ARGS])
 
 
 def test_stage4_missing_inputs_name_the_stage(tiny_split_dir, tmp_path):

@@ -92,7 +92,7 @@ def test_pipeline_end_to_end(chain_dir, tmp_path, monkeypatch):
     assert truth.shape == (3, 3) and list(truth.columns) == ["alpha", "beta", "gamma"]
     np.testing.assert_allclose(truth.sum(axis=1), 1.0)
     np.testing.assert_allclose(tpm.sum(axis=1), 1e6)
-    assert tpm.shape[1] == counts.shape[1] - 1  # the gene-length table lacks one gene
+    assert tpm.shape == counts.shape  # UMI counts: TPM is CPM, no gene needs a length
     assert counts.drop_duplicates().shape[0] == 3  # distinct samples
     reference = pd.read_csv(paths.sctape_reference, sep="\t", index_col=0)
     assert reference.shape == (train.n_obs, train.n_vars)
