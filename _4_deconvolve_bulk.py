@@ -20,12 +20,14 @@ Run:
     python _4_deconvolve_bulk.py                                   # train, then deconvolve _2_'s pseudo-bulks
     python _4_deconvolve_bulk.py --RETRAIN=false --BULK=my_bulk.tsv --BULK_UNIT=counts
 
-Units: every table reaches TAPE as transcripts per million. UMI counts (the 10x/Drop-seq
-reference, its pseudo-bulks) are one count per molecule, so their TPM is CPM; reads from
-full-length bulk RNA-seq grow with gene length, so their TPM divides by it. TAPE's own
-datatype="TPM" divides the UMI reference by length too, which on real bulks costs accuracy
-(Finotello MAE 0.129 -> 0.095 when fixed; README). BULK_PROTOCOL="auto" tells bulk counts of
-either kind apart from the data (the gene-length slope of bulk/reference, logged).
+Units: every bulk is first brought to transcripts per million as its protocol requires. UMI
+counts (the 10x/Drop-seq reference, its pseudo-bulks) are one count per molecule, so their TPM is
+CPM; reads from full-length bulk RNA-seq grow with gene length, so their TPM divides by it. Then
+all tables get TAPE's input scale (TPM / gene length, what its datatype="TPM" makes of UMI
+counts). TAPE itself gives a real bulk's TPM that scale unchanged, one gene length short of the
+reference's, which costs accuracy (Finotello MAE 0.130 -> 0.099, mean of 2 seeds; README).
+BULK_PROTOCOL="auto" tells bulk counts of either kind apart from the data (gene-length slope of
+bulk/reference, logged).
 """
 from __future__ import annotations
 
@@ -166,7 +168,7 @@ def main(argv=None) -> pd.DataFrame:
         log.info("wrote %s (%d genes)", paths.tape_checkpoint, len(fit.genes))
         ckpt, model = tape.checkpoint_dict(fit), fit.model
 
-    pred = tape.predict_proportions(ckpt, bulk_tpm, adaptive=cfg.ADAPTIVE, min_shared_genes=cfg.MIN_SHARED_GENES,
+    pred = tape.predict_proportions(ckpt, bulk_tpm, gene_lengths, adaptive=cfg.ADAPTIVE, min_shared_genes=cfg.MIN_SHARED_GENES,
                                     source=str(bulk_path), n_threads=n_threads,
                                     workdir=paths.deconvolution_dir, model=model)
     pred = order_like(pred, type_names, str(paths.tape_checkpoint))

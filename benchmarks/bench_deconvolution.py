@@ -64,7 +64,7 @@ EPOCHS = stage4.EPOCHS
 BATCH_SIZE = stage4.BATCH_SIZE
 ADAPTIVE = stage4.ADAPTIVE  # lung timing predicts with this setting (zheng/finotello report both)
 REFERENCE_PROTOCOL = "umi"  # the Zheng 10x and the synthetic references are UMI counts (_2_'s PROTOCOL)
-FINOTELLO_TAPE_TPM = True  # finotello: also train TAPE's own way (datatype="TPM": UMI reference / length)
+FINOTELLO_TAPE_TPM = True  # finotello: also train TAPE's own way (datatype="TPM": bulk one gene length short)
 PART_SWEEP = True  # zheng: also the other SWEEP_SAMPLENUM values (else only the defaults)
 SWEEP_SAMPLENUM = [1000, 2000, 4000]  # simulated training bulks tried in the sweep
 SWEEP_EPOCHS = [16, 32, 64, 128]  # MAE read after these many epochs of one run
@@ -194,24 +194,25 @@ def part_finotello(cfg, results: dict, cache: dict) -> None:
         fit = tape.fit_tape(reference, bulk_tpm, lengths, settings, "/tmp/bench_tape", THREADS,
                             simulated=None if simulated is None else simulated.copy())
     ckpt = tape.checkpoint_dict(fit)
-    plain = tape.predict_proportions(ckpt, bulk_tpm, adaptive=False, model=fit.model, n_threads=THREADS)
+    plain = tape.predict_proportions(ckpt, bulk_tpm, lengths, adaptive=False, model=fit.model, n_threads=THREADS)
     with timed("predict_adaptive", times):
-        adaptive = tape.predict_proportions(ckpt, bulk_tpm, adaptive=True, model=fit.model, n_threads=THREADS,
+        adaptive = tape.predict_proportions(ckpt, bulk_tpm, lengths, adaptive=True, model=fit.model, n_threads=THREADS,
                                             workdir="/tmp/bench_tape")
     nnls_tpm = tape.nnls_proportions(reference, bulk_tpm, lengths, cfg.REFERENCE_PROTOCOL)
     nnls_cells = nnls_mass_corrected(reference, bulk_tpm, lengths, cfg.REFERENCE_PROTOCOL)
     methods = [("TAPE adaptive", adaptive), ("TAPE non-adaptive", plain),
                ("NNLS, per-type TPM profiles", nnls_tpm), ("NNLS, cell-scaled profiles", nnls_cells)]
     if cfg.FINOTELLO_TAPE_TPM and cfg.REFERENCE_PROTOCOL == "umi":
-        # TAPE's own datatype="TPM": the UMI reference's simulated bulks are divided by gene length too.
+        # TAPE's own datatype="TPM" (and the original): reference and bulk counts both divided by
+        # gene length once, i.e. the bulk read as if it were UMI counts (BULK_PROTOCOL=umi).
+        bulk_tape, _ = tape.prepare_bulk(counts, "counts", reference.columns, lengths, 1000, "finotello bulk",
+                                         protocol="umi")
         with timed("train_tape_tpm", times):
-            fit_tpm = tape.fit_tape(reference, bulk_tpm, lengths, settings_from(cfg, reference_protocol="full_length"),
-                                    "/tmp/bench_tape", THREADS,
+            fit_tpm = tape.fit_tape(reference, bulk_tape, lengths, settings, "/tmp/bench_tape", THREADS,
                                     simulated=None if simulated is None else simulated.copy())
-        ckpt_tpm = tape.checkpoint_dict(fit_tpm)
         methods += [
-            ("TAPE non-adaptive, TAPE's datatype=TPM", tape.predict_proportions(ckpt_tpm, bulk_tpm, adaptive=False,
-                                                                               model=fit_tpm.model)),
+            ("TAPE non-adaptive, TAPE's datatype=TPM", tape.predict_proportions(
+                tape.checkpoint_dict(fit_tpm), bulk_tape, lengths, adaptive=False, model=fit_tpm.model)),
             ("NNLS, per-type TPM profiles, length-divided", tape.nnls_proportions(reference, bulk_tpm, lengths,
                                                                                  "full_length")),
         ]
@@ -279,7 +280,7 @@ def part_lung(cfg, results: dict, cache: dict) -> None:
         fit = tape.fit_tape(reference, bulk_tpm, lengths, settings, "/tmp/bench_tape", THREADS, simulated=simulated)
     ckpt = tape.checkpoint_dict(fit)
     with timed("predict", times):
-        pred = tape.predict_proportions(ckpt, bulk_tpm, adaptive=cfg.ADAPTIVE, model=fit.model, n_threads=THREADS,
+        pred = tape.predict_proportions(ckpt, bulk_tpm, lengths, adaptive=cfg.ADAPTIVE, model=fit.model, n_threads=THREADS,
                                         workdir="/tmp/bench_tape")
     s = scores(pred, truth)
     print(f"\n## (c) lung scale, synthetic: reference {reference.shape[0]} cells x {reference.shape[1]} genes, "
@@ -317,8 +318,8 @@ def part_zheng(cfg, results: dict, cache: dict) -> None:
         t0 = time.perf_counter()
         simulated = tape.simulate_bulks(reference, settings, "/tmp/bench_tape", THREADS)
         sim_s = time.perf_counter() - t0
-        train_tpm = tape.simulated_tpm(simulated, lengths, settings.reference_protocol)
-        genes = tape.select_genes(train_tpm, bulk_tpm, settings.variance_threshold)
+        train_tpm = tape.model_scale(tape.simulated_tpm(simulated, lengths, settings.reference_protocol), lengths)
+        genes = tape.select_genes(train_tpm, tape.model_scale(bulk_tpm, lengths), settings.variance_threshold)
         x, y = tape.scale_samples(train_tpm, genes), simulated.obs.to_numpy(np.float64)
         ckpt = {"genes": genes, "cell_types": [str(c) for c in simulated.obs.columns]}
         if samplenum == cfg.SAMPLENUM:
@@ -339,14 +340,14 @@ def part_zheng(cfg, results: dict, cache: dict) -> None:
             train_s += time.perf_counter() - t0
             train_cpu += cpu_seconds() - c0
             done = epochs
-            plain = tape.predict_proportions(ckpt, bulk_tpm, adaptive=False, model=model)
+            plain = tape.predict_proportions(ckpt, bulk_tpm, lengths, adaptive=False, model=model)
             sp_ = scores(plain, truth.loc[pseudo])
             row = (f"| {samplenum} | {epochs} | {sim_s:.0f} | {train_s:.0f} ({train_cpu:.0f}) | {samplenum * epochs:,} | "
                    f"{sp_['mae']:.4f} |")
             result = {"train_s": train_s, "mae_plain": sp_["mae"]}
             if epochs == epochs_list[-1] or (samplenum == cfg.SAMPLENUM and epochs == cfg.EPOCHS):
                 t0 = time.perf_counter()
-                adapt = tape.predict_proportions(ckpt, bulk_tpm, adaptive=True, model=model, n_threads=THREADS,
+                adapt = tape.predict_proportions(ckpt, bulk_tpm, lengths, adaptive=True, model=model, n_threads=THREADS,
                                                  workdir="/tmp/bench_tape")
                 adapt_s = time.perf_counter() - t0
                 sa = scores(adapt, truth.loc[pseudo])

@@ -73,17 +73,22 @@ def fitted(fits, simulated):
     return fits("umi"), simulated
 
 
-def as_tape_sees_it(simulated, protocol: str):
-    """(simulated copy, TAPE datatype) for which TAPE's own preprocessing is ours for ``protocol``.
+def as_tape_sees_it(simulated, bulk_tpm, lengths, protocol: str):
+    """(simulated copy, bulk, TAPE datatype) for which TAPE's own preprocessing is ours.
 
-    full_length is TAPE's datatype="TPM"; umi is TAPE's datatype="counts" (no conversion) on
-    simulated bulks already in CPM.
+    A UMI reference is TAPE's datatype="TPM" on the raw simulated counts, with the bulk at the
+    model's scale. A full-length reference is TAPE's datatype="counts" (no conversion) on
+    simulated bulks already at the model's scale (TPM / length: counts / length^2).
     """
     simulated = simulated.copy()
-    if protocol == "full_length":
-        return simulated, "TPM"
-    simulated.X = np.asarray(simulated.X, np.float64) * 1e6 / np.asarray(simulated.X).sum(axis=1, keepdims=True)
-    return simulated, "counts"
+    bulk = tape.model_scale(bulk_tpm, lengths)
+    if protocol == "umi":
+        return simulated, bulk, "TPM"
+    counts = pd.DataFrame(np.asarray(simulated.X, np.float64), columns=simulated.var_names)
+    scaled = tape.model_scale(counts_to_tpm(counts, lengths)[0], lengths)
+    simulated = simulated[:, list(scaled.columns)].copy()
+    simulated.X = scaled.to_numpy()
+    return simulated, bulk, "counts"
 
 
 # ----------------------------------------------------------------------------- bulk input
@@ -207,9 +212,9 @@ def test_read_table_sniffs_separator(tmp_path, inputs):
 @pytest.mark.filterwarnings("ignore:Series.__getitem__ treating keys as positions:FutureWarning")
 def test_preprocessing_matches_tape_process_input_data(fits, simulated, inputs, data_dir, tmp_path, protocol):
     fit = fits(protocol)
-    bulk = inputs[2]
+    lengths = inputs[1]
     TAPE = tape.import_tape()
-    theirs, datatype = as_tape_sees_it(simulated, protocol)
+    theirs, bulk, datatype = as_tape_sees_it(simulated, inputs[2], lengths, protocol)
     with tape.tape_sandbox(tmp_path):  # GeneLength.txt of the fixture is comma-separated, as TAPE reads it
         train_x, train_y, test_x, genes, celltypes, _ = TAPE.utils.ProcessInputData(
             theirs, bulk.copy(), datatype=datatype, genelenfile=str(Paths(data_dir).gene_length),
@@ -217,6 +222,17 @@ def test_preprocessing_matches_tape_process_input_data(fits, simulated, inputs, 
     assert genes == fit.genes
     assert list(celltypes) == fit.cell_types
     np.testing.assert_array_equal(tape.scale_samples(bulk, fit.genes), test_x.astype(np.float32))
+
+
+def test_model_scale_is_tapes_tpm_of_umi_counts_and_one_length_more_for_reads(inputs):
+    _, lengths, _, counts = inputs
+    # UMI pseudo-bulk: CPM, then the model's scale = TAPE's counts2TPM of the raw counts.
+    pd.testing.assert_frame_equal(tape.model_scale(counts_to_cpm(counts), lengths), counts_to_tpm(counts, lengths)[0])
+    # Reads of the same molecules (x length): their TPM is the UMI CPM again, so the same input.
+    shared = counts.columns.intersection(lengths.index)
+    reads = counts[shared] * lengths[shared]
+    from_reads = tape.model_scale(counts_to_tpm(reads, lengths)[0], lengths)
+    pd.testing.assert_frame_equal(from_reads, counts_to_tpm(counts, lengths)[0], rtol=1e-9)
 
 
 def test_single_bulk_sample_keeps_genes(fitted, inputs):
@@ -232,8 +248,8 @@ def test_fit_and_predict_equal_tape_deconvolution(fits, simulated, inputs, data_
                                                   protocol, adaptive):
     """Same simulated data, seed and settings: our route gives TAPE.Deconvolution's proportions."""
     fit = fits(protocol)
-    simulated, datatype = as_tape_sees_it(simulated, protocol)
-    bulk = inputs[2]
+    lengths = inputs[1]
+    simulated, bulk_scaled, datatype = as_tape_sees_it(simulated, inputs[2], lengths, protocol)
     genelen = Paths(data_dir).gene_length
     TAPE = tape.import_tape()
     # TAPE's 300 x 3 adaptive steps take ~10 s even here; both routes call this one function.
@@ -241,10 +257,10 @@ def test_fit_and_predict_equal_tape_deconvolution(fits, simulated, inputs, data_
     monkeypatch.setattr(TAPE.train, "adaptive_stage", lambda model, data, opt_d, opt_e, step, max_iter:
                         full_adaptive_stage(model, data, opt_d, opt_e, step=15, max_iter=2))
     with tape.tape_sandbox(tmp_path, n_threads=1) as scratch:
-        _, theirs = TAPE.Deconvolution(simulated, bulk.copy(), datatype=datatype, genelenfile=str(genelen),
+        _, theirs = TAPE.Deconvolution(simulated, bulk_scaled, datatype=datatype, genelenfile=str(genelen),
                                        scaler="mms", mode="overall", adaptive=adaptive, batch_size=TINY.batch_size,
                                        epochs=TINY.epochs, seed=TINY.seed, save_model_name=str(scratch / "m"))
-    ours = tape.predict_proportions(tape.checkpoint_dict(fit), bulk, adaptive=adaptive, n_threads=1,
+    ours = tape.predict_proportions(tape.checkpoint_dict(fit), inputs[2], lengths, adaptive=adaptive, n_threads=1,
                                     workdir=tmp_path)
     theirs = theirs / theirs.to_numpy().sum(axis=1, keepdims=True)
     np.testing.assert_allclose(ours.to_numpy(), theirs[ours.columns].to_numpy(), atol=2e-6)
@@ -262,23 +278,27 @@ def test_checkpoint_reloads_with_weights_only_and_predicts_the_same(fitted, inpu
     profile = tape.checkpoint_profile(raw)  # the reference's CPM over the model's genes
     assert list(profile.index) == fit.genes
     np.testing.assert_allclose(profile.to_numpy(), fit.profile.loc[fit.genes].to_numpy())
-    older = {k: v for k, v in raw.items() if k not in ("profile", "settings")}  # saved before these existed
+    older = {k: v for k, v in raw.items() if k not in ("profile", "settings", "preprocessing")}
     assert tape.checkpoint_profile(older) is None and tape.checkpoint_protocol(older) == "full_length"
+    torch.save(older, tmp_path / "old.pt")  # a tape.pt from before the unit fix: bulks would be misread
+    with pytest.raises(InputError, match="RETRAIN=true"):
+        tape.load_checkpoint(tmp_path / "old.pt")
     ckpt = tape.load_checkpoint(path)
-    direct = tape.predict_proportions(tape.checkpoint_dict(fit), bulk, adaptive=False, model=fit.model)
-    reloaded = tape.predict_proportions(ckpt, bulk, adaptive=False)
+    lengths = inputs[1]
+    direct = tape.predict_proportions(tape.checkpoint_dict(fit), bulk, lengths, adaptive=False, model=fit.model)
+    reloaded = tape.predict_proportions(ckpt, bulk, lengths, adaptive=False)
     np.testing.assert_allclose(reloaded.to_numpy(), direct.to_numpy(), atol=1e-7)
     np.testing.assert_allclose(reloaded.sum(axis=1), 1.0, atol=1e-6)
     # TAPE's own predict() on the reloaded weights (it writes model.pth into the cwd: sandboxed).
     TAPE = tape.import_tape()
-    x = tape.scale_samples(bulk, ckpt["genes"])
+    x = tape.scale_samples(tape.model_scale(bulk, lengths), ckpt["genes"])
     with tape.tape_sandbox(tmp_path):
         theirs = TAPE.train.predict(x, ckpt["genes"], ckpt["cell_types"], bulk.index,
                                     model=tape.model_from_checkpoint(ckpt), adaptive=False)
     np.testing.assert_allclose(reloaded.to_numpy(), theirs.to_numpy(), atol=1e-6)
     # Genes missing from a new bulk are zero-filled with a warning, too few is an error.
     with pytest.raises(InputError, match="retrain"):
-        tape.predict_proportions(ckpt, bulk.iloc[:, :5], min_shared_genes=50, source="new.tsv")
+        tape.predict_proportions(ckpt, bulk.iloc[:, :5], lengths, min_shared_genes=50, source="new.tsv")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="junk.pt"):
         tape.load_checkpoint(tmp_path / "junk.pt")
