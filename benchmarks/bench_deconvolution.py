@@ -222,7 +222,8 @@ def part_finotello(cfg, results: dict, cache: dict) -> None:
           "; mDC, Neutrophils, Other left out; truth and predictions renormalised over the shared categories")
     print(f"bulk counts: gene-length slope vs the reference {report.length_slope:.2f} -> read as {report.protocol}; "
           f"reference protocol {cfg.REFERENCE_PROTOCOL}")
-    print(f"train {times['train']:.0f} s (with the Zheng simulation reused), adaptive predict {times['predict_adaptive']:.0f} s")
+    reused = " (with the Zheng simulation reused)" if simulated is not None else ""
+    print(f"train {times['train']:.0f} s{reused}, adaptive predict {times['predict_adaptive']:.0f} s")
     print("| method | MAE | r | CCC | per-sample r (min..max) |")
     print("|---|---|---|---|---|")
     for name, pred in methods:
