@@ -333,8 +333,8 @@ def model_scale(tpm: pd.DataFrame, gene_lengths: pd.Series) -> pd.DataFrame:
     tpm: samples x genes in transcripts per million (CPM of UMI counts, TPM of reads). Genes
     without a length are dropped. For UMI counts this is exactly TAPE's datatype="TPM" (its
     counts2TPM of the counts). Measured on Zheng pseudo-bulks (3 seeds), TAPE trained at this
-    scale beat TAPE trained on plain CPM (whole-test-split MAE 0.0098..0.0142 vs 0.0121..0.0297),
-    and on the Finotello bulks (2 seeds) MAE 0.096..0.103 vs 0.094..0.121; README.
+    scale beat TAPE trained on plain CPM on average (whole-test-split MAE 0.012..0.014 vs
+    0.012..0.030), and on the Finotello bulks (2 seeds) MAE 0.096..0.103 vs 0.094..0.121; README.
     """
     scaled, _ = counts_to_tpm(tpm, gene_lengths)
     return scaled
