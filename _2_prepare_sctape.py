@@ -28,7 +28,8 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from models import io
-from models.bulk import PROTOCOLS, counts_to_expression, sample_pseudobulks
+from models import bulk
+from models.bulk import counts_to_expression, sample_pseudobulks
 from models.config import load_config, save_config
 from models.paths import Paths
 from models.utils import InputError, require_files, run_stage, setup_logging
@@ -70,8 +71,8 @@ def main(argv=None) -> None:
     type_names = list(train.obs["cell_type"].cat.categories)
     if list(test.obs["cell_type"].cat.categories) != type_names:
         raise InputError(f"{paths.test_dir}: cell types differ from {paths.train_dir}: rerun _1_split_train_test.py")
-    if cfg.PROTOCOL not in PROTOCOLS:
-        raise InputError(f"PROTOCOL must be one of {PROTOCOLS}, got {cfg.PROTOCOL!r}")
+    if cfg.PROTOCOL not in bulk.PROTOCOLS:
+        raise InputError(f"PROTOCOL must be one of {bulk.PROTOCOLS}, got {cfg.PROTOCOL!r}")
     if cfg.N_PSEUDOBULK < 1:
         raise InputError(f"N_PSEUDOBULK must be at least 1, got {cfg.N_PSEUDOBULK}")
     gene_lengths = io.read_gene_lengths(paths.gene_length)

@@ -21,13 +21,32 @@ class ConfigError(ValueError):
     """A bad ``--NAME=value`` on the command line."""
 
 
+def _assigned_names(path: Any) -> set[str] | None:
+    """Names a script assigns at its top level (None when its source cannot be read)."""
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, TypeError, ValueError):
+        return None
+    names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) else []
+        names.update(target.id for target in targets if isinstance(target, ast.Name))
+    return names
+
+
 def constants_of(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The UPPER_CASE, non-callable, non-module entries of a module's ``globals()``."""
+    """The UPPER_CASE, non-callable, non-module entries of a module's ``globals()``.
+
+    When the namespace has a ``__file__``, only names the script itself assigns count, so an
+    imported UPPER_CASE name (``from models.paths import CLUSTERS``) is not a setting.
+    """
+    assigned = _assigned_names(namespace.get("__file__"))
     return {
         name: value
         for name, value in namespace.items()
         if name.isupper() and not name.startswith("_") and not callable(value)
-        and not hasattr(value, "__file__")
+        and not hasattr(value, "__file__") and (assigned is None or name in assigned)
     }
 
 

@@ -57,3 +57,21 @@ def test_save_config_writes_json(tmp_path):
     cfg = load_config({"EPOCHS": 5, "DATA_DIR": "data"}, ["--EPOCHS=2"])
     save_config(cfg, tmp_path / "run" / "config.json")
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"EPOCHS": 2, "DATA_DIR": "data"}
+
+
+def test_imported_upper_case_names_are_not_settings(tmp_path):
+    import runpy
+
+    from models.config import constants_of
+
+    script = tmp_path / "stage.py"
+    script.write_text("from os import SEEK_SET\nfrom models.paths import CLUSTERS\nSEED = 1\nNAME: str = 'x'\n")
+    namespace = runpy.run_path(str(script))
+    assert namespace["CLUSTERS"] == "clusters.csv"  # imported, visible in globals()...
+    assert constants_of(namespace) == {"SEED": 1, "NAME": "x"}  # ...but not a setting
+    # The stage scripts: their own constants only.
+    import _3_train_gmvae as stage3
+    import _4_deconvolve_bulk as stage4
+
+    assert not {"CLUSTERS", "GENES", "LOSS_PARTS"} & set(constants_of(vars(stage3)))
+    assert "CLUSTERS" not in constants_of(vars(stage4)) and "BULK_PROTOCOL" in constants_of(vars(stage4))

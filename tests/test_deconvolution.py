@@ -381,6 +381,9 @@ def test_stage2_pseudobulk_tpm_follows_the_protocol(data_dir, tmp_path):
                                   rtol=1e-9)
     with pytest.raises(InputError, match="PROTOCOL"):
         stage2.main([f"--DATA_DIR={root}", "--PROTOCOL=smartseq"])
+    from models.config import constants_of
+
+    assert "PROTOCOL" in constants_of(vars(stage2)) and "PROTOCOLS" not in constants_of(vars(stage2))
     # _4_ needs to know how the reference was counted; an older _2_ did not say.
     Paths(root).sctape_config.write_text("{}")
     with pytest.raises(InputError, match="rerun _2_prepare_sctape.py"):
