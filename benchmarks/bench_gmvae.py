@@ -15,7 +15,7 @@ subprocess, so each peak RSS is that configuration's alone. Prints:
 - peak RSS of each configuration, and of a whole training run at the defaults;
 - time to the held-out loss plateau at the defaults (early stopping as in _3_train_gmvae.py).
 
-Run (heavy: ~25 min at full scale; hold the shared lock so timings do not overlap):
+Run (heavy: about 5 min at full scale on 2 cores; hold the shared lock so timings do not overlap):
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_gmvae.py
 Quick check (about a minute):
     .venv/bin/python benchmarks/bench_gmvae.py --N_CELLS=400 --N_GENES=600 --N_TYPES=5 \
