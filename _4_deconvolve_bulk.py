@@ -58,7 +58,7 @@ BULK_TRUTH = ""  # samples x cell types proportions to score against; "" = _2_'s
 MIN_SHARED_GENES = 1000  # fewer bulk genes shared with the reference than this is an error
 SAMPLENUM = 2000  # simulated training bulks (TAPE: 5,000, the original: 15,000); ~5 min CPU at lung scale (README)
 N_CELLS = 500  # cells per simulated bulk (TAPE's n); TAPE's default
-EPOCHS = 64  # TAPE: 128, the original: 640 (1.7 h at lung scale). 128 here: lower pseudo-bulk MAE (Zheng 0.0141 vs 0.0182) but not better on real bulks (Finotello 0.106 vs 0.103) and 8 min vs 3.9 at lung scale (README)
+EPOCHS = 64  # TAPE: 128, the original: 640 (1.7 h at lung scale). 128 here, mean of 3 seeds: lower pseudo-bulk MAE (Zheng 0.0155 vs 0.0215), worse on real bulks (Finotello 0.101 vs 0.096), 8 min vs 3.9 at lung scale (README)
 BATCH_SIZE = 128  # TAPE's default; lr is fixed at 1e-4 inside TAPE, so larger batches learn slower
 VARIANCE_THRESHOLD = 0.98  # TAPE keeps genes above the 98th-from-top variance rank (drops the lowest 2%)
 ADAPTIVE = False  # TAPE's adaptive stage (300 x 3 steps on the bulk): minutes, and worse MAE on Zheng and Finotello (README)
