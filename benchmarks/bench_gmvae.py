@@ -90,8 +90,9 @@ def synthetic_counts(n_cells: int, n_genes: int, n_types: int, seed: int):
 
 # ----------------------------------------------------------------------------- the original's structure
 class PublishedGMVAE(nn.Module):
-    """The published bulk2sc GMVAE's cost structure (wdnlotm/bulk2sc_GMVAE: main_zinb.py,
-    GMVAE_scrna_zinb.py, GMVAE_losses_zinb.py), re-implemented here for timing:
+    """The published bulk2sc GMVAE's cost structure (GitHub wdnlotm/bulk2sc_GMVAE_NB, the ZINB model:
+    _3_model_train_GMVAE/main_zinb.py and _model_source_codes/GMVAE_scrna_zinb.py,
+    GMVAE_losses_zinb.py, GMVAE_utils.py), re-implemented here for timing:
 
     - two encoders, one for the mean and one for the log-variance, each (G+K) -> 128 -> 64 -> Z,
       run on [x, onehot_k] in a Python loop over K and written into [B, Z, K] tensors;
