@@ -1,13 +1,15 @@
 """Stage 3: train the supervised GMVAE (the single-cell generator) on the training cells.
 
 Reads:
-    DATA_DIR/train/   cells.h5ad, or matrix.mtx + genes.tsv + barcodes.tsv + clusters.csv (_1_)
-    DATA_DIR/test/    the same for the held-out cells, used for the test loss and early stopping
+    DATA_DIR/train/   cells.h5ad, or matrix.mtx + genes.tsv + barcodes.tsv + clusters.csv (_1_);
+                      VALIDATION_FRACTION of each type's cells (seeded) are set aside for the
+                      validation loss and early stopping. DATA_DIR/test/ is not read: those
+                      cells stay unseen until stage 5 scores the generated cells against them.
 Writes:
     DATA_DIR/checkpoints/gmvae.pt       state_dict, config, optimizer, epoch, genes, cell_types,
                                         settings (loads with torch.load(..., weights_only=True))
-    DATA_DIR/checkpoints/history.csv    one row per epoch: train/test loss parts, accuracy, seconds
-    FIG_DIR/gmvae_loss.png              train and test loss per epoch
+    DATA_DIR/checkpoints/history.csv    one row per epoch: train_* and val_* loss parts, accuracy, seconds
+    FIG_DIR/gmvae_loss.png              training and validation loss per epoch
 
 The model and loss are the original bulk2sc GMVAE's (see models/gmvae.py), vectorised over the
 K cell types. ``LOG_INPUT``, ``LIBRARY``, ``PI_MIN``, ``PI_GRAD`` and ``CLS_WARMUP_EPOCHS`` are
@@ -32,7 +34,8 @@ from tqdm import tqdm
 from models import io
 from models.config import load_config
 from models.gmvae import GMVAE
-from models.paths import CLUSTERS, GENES, Paths
+from models.paths import CLUSTERS, Paths
+from models.split import stratified_split
 from models.train import (
     LOSS_PARTS,
     TrainingDiverged,
@@ -81,10 +84,11 @@ PI_MIN = 1e-3  # skip (cell, type) pairs with pi below this (label always kept);
 PI_GRAD = False  # true: the mixture terms also train the assignment MLP (the original); false: only -log pi_label does
 CLS_WARMUP_EPOCHS = 5  # first fit the assignment MLP alone on -log pi_label (seconds), so pi starts near the labels
 CHUNK_ELEMENTS = 1 << 22  # decoder outputs per chunk of pairs (4M floats = 16 MB per tensor): bounds memory
-EVAL_BATCH_SIZE = 256  # cells per batch for the test loss (no gradients)
-TEST_EVERY = 1  # epochs between held-out evaluations (early stopping looks only at these)
-PATIENCE = 5  # stop after this many evaluations without a relative test-loss gain of MIN_DELTA
-MIN_DELTA = 1e-3  # relative improvement that counts as progress (0.1% of the test loss)
+VALIDATION_FRACTION = 0.1  # share of each type's training cells held out for early stopping (seeded by SEED)
+EVAL_BATCH_SIZE = 256  # cells per batch for the validation loss (no gradients)
+TEST_EVERY = 1  # epochs between validation evaluations (early stopping looks only at these)
+PATIENCE = 5  # stop after this many evaluations without a relative validation-loss gain of MIN_DELTA
+MIN_DELTA = 1e-3  # relative improvement that counts as progress (0.1% of the validation loss)
 SAVE_EVERY = 5  # epochs between checkpoint writes (and always at the end or an early stop)
 RESUME = False  # continue from checkpoints/gmvae.pt (weights, optimizer, epoch, history) up to EPOCHS
 DEVICE = "auto"  # "auto": CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
@@ -104,34 +108,36 @@ def model_config(cfg, n_genes: int, n_types: int) -> dict:
     )
 
 
-def read_split(paths: Paths):
-    """(train AnnData, test AnnData, test partition codes in the train type order), checked."""
+def read_training(paths: Paths):
+    """(train AnnData, cell types), checked: every type 0..K-1 has training cells."""
     train = io.read_dataset(paths.train_dir, stage="_1_split_train_test.py")
-    test = io.read_dataset(paths.test_dir, stage="_1_split_train_test.py")
-    if list(train.var_names) != list(test.var_names):
-        only_train = sorted(set(train.var_names) - set(test.var_names))[:3]
-        only_test = sorted(set(test.var_names) - set(train.var_names))[:3]
-        raise InputError(
-            f"{paths.test_dir / GENES}: test genes differ from {paths.train_dir / GENES} "
-            f"({train.n_vars} vs {test.n_vars}; train-only e.g. {only_train}, test-only e.g. {only_test}, "
-            "or a different order); rerun _1_split_train_test.py so both splits share one gene list"
-        )
     cell_types = list(train.obs["cell_type"].cat.categories)
-    train_codes = train.obs["partition"].to_numpy()
-    missing = sorted(set(range(len(cell_types))) - set(train_codes))
+    missing = sorted(set(range(len(cell_types))) - set(train.obs["partition"].to_numpy()))
     if missing:
         raise InputError(
             f"{paths.train_dir / CLUSTERS}: types {[cell_types[k] for k in missing]} have no training cells; "
             "labels must be 0..K-1 with every type present; rerun _1_split_train_test.py"
         )
-    unknown = sorted(set(test.obs["cell_type"].astype(str)) - set(cell_types))
-    if unknown:
-        raise InputError(
-            f"{paths.test_dir / CLUSTERS}: test labels {unknown[:5]} are outside the {len(cell_types)} "
-            f"training types 0..{len(cell_types) - 1}; rerun _1_split_train_test.py"
-        )
-    test_codes, _ = io.encode_labels(test.obs["cell_type"].astype(str), cell_types)
-    return train, test, test_codes, cell_types
+    return train, cell_types
+
+
+def validation_split(cell_types, fraction: float, seed: int, source) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, validation rows) of the training cells: ``fraction`` of each type, seeded.
+
+    Every type keeps at least one cell to fit on; early stopping then never looks at test/.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise InputError(f"VALIDATION_FRACTION must be in (0, 1), got {fraction}")
+    fit_rows, val_rows = stratified_split(cell_types, fraction, seed=seed)
+    names = pd.Series(list(cell_types), dtype=str)
+    lost = sorted(set(names) - set(names.iloc[fit_rows]))
+    if lost:
+        raise InputError(f"{source}: VALIDATION_FRACTION={fraction} leaves types {lost[:5]} no cells to train on; "
+                         "lower VALIDATION_FRACTION")
+    if len(val_rows) == 0:
+        raise InputError(f"{source}: VALIDATION_FRACTION={fraction} of {len(names)} cells is no cell; "
+                         "raise VALIDATION_FRACTION")
+    return fit_rows, val_rows
 
 
 def resume_state(cfg, paths: Paths, config: dict, genes, cell_types):
@@ -166,8 +172,8 @@ def plot_history(history: pd.DataFrame, path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(history["epoch"], history["train_loss"], label="train")
-    tested = history.dropna(subset=["test_loss"])
-    ax.plot(tested["epoch"], tested["test_loss"], label="test")
+    validated = history.dropna(subset=["val_loss"])
+    ax.plot(validated["epoch"], validated["val_loss"], label="validation")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss per cell (nats)")
     ax.set_yscale("log")
@@ -191,12 +197,17 @@ def main(argv=None):
     device = get_device(cfg.DEVICE)
     amp = amp_enabled(cfg.AMP, device)
 
-    train, test, test_codes, cell_types = read_split(paths)
+    train, cell_types = read_training(paths)
     genes = list(train.var_names)
-    train_counts, test_counts = train.X, test.X
-    train_codes = train.obs["partition"].to_numpy().astype(np.int64)
-    log.info("training on %d cells x %d genes, %d types (test: %d cells) on %s%s",
-             train.n_obs, len(genes), len(cell_types), test.n_obs, device, " (bfloat16 layers)" if amp else "")
+    fit_rows, val_rows = validation_split(train.obs["cell_type"], cfg.VALIDATION_FRACTION, cfg.SEED,
+                                          paths.train_dir)
+    all_codes = train.obs["partition"].to_numpy().astype(np.int64)
+    train_counts, train_codes = train.X[fit_rows], all_codes[fit_rows]
+    val_counts, val_codes = train.X[val_rows], all_codes[val_rows]
+    del train
+    log.info("training on %d cells x %d genes, %d types (validation: %d cells of %s) on %s%s",
+             len(fit_rows), len(genes), len(cell_types), len(val_rows), paths.train_dir, device,
+             " (bfloat16 layers)" if amp else "")
 
     config = model_config(cfg, len(genes), len(cell_types))
     model = GMVAE(**config)
@@ -211,7 +222,8 @@ def main(argv=None):
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch = checkpoint["epoch"]
-        best_loss, best_epoch = checkpoint["best_test_loss"], checkpoint["best_epoch"]
+        best_loss = checkpoint.get("best_val_loss", checkpoint.get("best_test_loss"))  # older checkpoints
+        best_epoch = checkpoint["best_epoch"]
         stale = checkpoint["stale_evals"]
         history = read_history(paths.gmvae_history, start_epoch)
         log.info("resuming from epoch %d of %s", start_epoch, paths.gmvae_checkpoint)
@@ -234,7 +246,7 @@ def main(argv=None):
         # and the per-type gene-mean calibration (CALIBRATE=True)
         fit_generation(model, train_counts, train_codes, cfg.EVAL_BATCH_SIZE, device, cfg.SEED)
         save_checkpoint(paths.gmvae_checkpoint, model, optimizer, epoch, genes, cell_types,
-                        best_test_loss=float(best_loss), best_epoch=int(best_epoch), stale_evals=int(stale),
+                        best_val_loss=float(best_loss), best_epoch=int(best_epoch), stale_evals=int(stale),
                         settings=settings)
 
     def write_history() -> None:
@@ -253,38 +265,38 @@ def main(argv=None):
                 write_history()
             raise
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_parts.items()}}
-        row.update({f"test_{k}": float("nan") for k in (*LOSS_PARTS, "accuracy")})
+        row.update({f"val_{k}": float("nan") for k in (*LOSS_PARTS, "accuracy")})
         stop = False
         if epoch % cfg.TEST_EVERY == 0 or epoch == cfg.EPOCHS:
-            test_parts = evaluate(model, test_counts, test_codes, cfg.EVAL_BATCH_SIZE, device, cfg.PI_MIN, cfg.SEED)
-            if not is_finite(test_parts["loss"]):
+            val_parts = evaluate(model, val_counts, val_codes, cfg.EVAL_BATCH_SIZE, device, cfg.PI_MIN, cfg.SEED)
+            if not is_finite(val_parts["loss"]):
                 write_history()
                 raise TrainingDiverged(
-                    f"test loss became {test_parts['loss']} at epoch {epoch}; {paths.gmvae_checkpoint} was not "
-                    "overwritten. Lower LR or set LOG_INPUT=True and rerun"
+                    f"validation loss became {val_parts['loss']} at epoch {epoch}; {paths.gmvae_checkpoint} was "
+                    "not overwritten. Lower LR or set LOG_INPUT=True and rerun"
                 )
-            row.update({f"test_{k}": v for k, v in test_parts.items()})
-            if test_parts["loss"] < best_loss - cfg.MIN_DELTA * abs(best_loss if is_finite(best_loss) else 0):
-                best_loss, best_epoch, stale = test_parts["loss"], epoch, 0
+            row.update({f"val_{k}": v for k, v in val_parts.items()})
+            if val_parts["loss"] < best_loss - cfg.MIN_DELTA * abs(best_loss if is_finite(best_loss) else 0):
+                best_loss, best_epoch, stale = val_parts["loss"], epoch, 0
             else:
                 stale += 1
                 stop = stale >= cfg.PATIENCE
         row["seconds"] = time.perf_counter() - started
         history.append(row)
         write_history()
-        bar.set_postfix(train=f"{row['train_loss']:.1f}", test=f"{row['test_loss']:.1f}",
-                        acc=f"{row['test_accuracy']:.3f}")
+        bar.set_postfix(train=f"{row['train_loss']:.1f}", val=f"{row['val_loss']:.1f}",
+                        acc=f"{row['val_accuracy']:.3f}")
         if stop or epoch % cfg.SAVE_EVERY == 0 or epoch == cfg.EPOCHS:
             save(epoch)
         if stop:
-            log.info("test loss has not improved for %d evaluations (best %.2f at epoch %d): stopping at epoch %d",
+            log.info("validation loss has not improved for %d evaluations (best %.2f at epoch %d): stopping at epoch %d",
                      stale, best_loss, best_epoch, epoch)
             break
     bar.close()
     plot_history(pd.DataFrame(history), paths.fig_dir / "gmvae_loss.png")
     last = history[-1]
-    log.info("epoch %d: test loss %.2f (label -ELBO %.2f), accuracy %.3f; peak RSS %.0f MB; wrote %s",
-             epoch, last["test_loss"], last["test_nelbo_label"], last["test_accuracy"], peak_rss_mb(),
+    log.info("epoch %d: validation loss %.2f (label -ELBO %.2f), accuracy %.3f; peak RSS %.0f MB; wrote %s",
+             epoch, last["val_loss"], last["val_nelbo_label"], last["val_accuracy"], peak_rss_mb(),
              paths.gmvae_checkpoint)
 
 

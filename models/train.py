@@ -3,7 +3,7 @@
 A checkpoint is a dict of primitives and tensors only (``torch.load(..., weights_only=True)``)::
 
     {"state_dict", "config" (GMVAE kwargs), "optimizer", "epoch", "genes", "cell_types",
-     "best_test_loss", "best_epoch", "stale_evals", "settings" (the script's constants)}
+     "best_val_loss", "best_epoch", "stale_evals", "settings" (the script's constants)}
 """
 from __future__ import annotations
 

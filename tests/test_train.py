@@ -88,8 +88,9 @@ def test_trains_writes_history_checkpoint_and_resumes(data_dir):
     paths = run(data_dir, "--EPOCHS=2", "--SAVE_EVERY=1")
     history = pd.read_csv(paths.gmvae_history)
     assert list(history["epoch"]) == [1, 2]
-    for column in ("train_loss", "train_recon", "train_kl_z", "train_kl_pi", "test_loss", "test_accuracy", "seconds"):
+    for column in ("train_loss", "train_recon", "train_kl_z", "train_kl_pi", "val_loss", "val_accuracy", "seconds"):
         assert history[column].notna().all(), column
+    assert not any(c.startswith("test_") for c in history.columns)  # test/ never chooses the epoch
     assert (paths.fig_dir / "gmvae_loss.png").exists()
     checkpoint = torch.load(paths.gmvae_checkpoint, weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["cell_types"] == ["alpha", "beta", "gamma"]
@@ -125,39 +126,39 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(data_dir, monkeypatch):
     assert paths.gmvae_checkpoint.read_bytes() == good
 
 
-def _rewrite(folder, adata):
-    for name in folder.iterdir():
-        name.unlink()
-    io.write_dataset(adata, folder)
-
-
 def test_input_errors_name_the_file_and_fix(data_dir, tmp_path):
     with pytest.raises(InputError, match="_1_split_train_test.py"):
         run(tmp_path / "empty", "--EPOCHS=1")
     paths = Paths(data_dir)
-    test = io.read_dataset(paths.test_dir)
+    with pytest.raises(InputError, match="VALIDATION_FRACTION"):
+        run(data_dir, "--EPOCHS=1", "--VALIDATION_FRACTION=0")
 
-    renamed = test.copy()
-    renamed.var_names = [f"other{i}" for i in range(renamed.n_vars)]
-    _rewrite(paths.test_dir, renamed)
-    with pytest.raises(InputError, match="genes differ"):
-        run(data_dir, "--EPOCHS=1")
-
-    relabelled = test.copy()
-    io.set_labels(relabelled, ["delta"] * relabelled.n_obs)
-    _rewrite(paths.test_dir, relabelled)
-    with pytest.raises(InputError, match="outside"):
-        run(data_dir, "--EPOCHS=1")
-
-    fractional = test.copy()
+    train = io.read_dataset(paths.train_dir)
+    fractional = train.copy()
     fractional.X = sp.csr_matrix(fractional.X.toarray() * 0.5 + 0.25)
-    (paths.test_dir / "cells.h5ad").unlink()
-    io.write_mtx(paths.test_dir / "matrix.mtx", sp.csr_matrix(fractional.X).T)
+    (paths.train_dir / "cells.h5ad").unlink()
     import scipy.io as sio
-    with open(paths.test_dir / "matrix.mtx", "wb") as handle:  # write real (non-integer) values
+    with open(paths.train_dir / "matrix.mtx", "wb") as handle:  # write real (non-integer) values
         sio.mmwrite(handle, sp.coo_matrix(fractional.X.T))
     with pytest.raises(InputError, match="not integers"):
         run(data_dir, "--EPOCHS=1")
+
+
+def test_validation_comes_from_the_training_cells_and_test_is_never_read(data_dir):
+    """Early stopping looks at a stratified, seeded share of train/; stage 3 runs without test/."""
+    paths = Paths(data_dir)
+    shutil.rmtree(paths.test_dir)
+    run(data_dir, "--EPOCHS=1", "--VALIDATION_FRACTION=0.2")
+    assert not paths.test_dir.exists() and paths.gmvae_checkpoint.exists()
+
+    types = io.read_dataset(paths.train_dir).obs["cell_type"].astype(str).to_numpy()
+    fit_rows, val_rows = stage3.validation_split(types, 0.2, 0, paths.train_dir)
+    assert set(fit_rows).isdisjoint(val_rows) and len(fit_rows) + len(val_rows) == len(types)
+    for name in set(types):
+        assert abs((types[val_rows] == name).sum() - 0.2 * (types == name).sum()) <= 1  # stratified
+    again, _ = stage3.validation_split(types, 0.2, 0, paths.train_dir)
+    other, _ = stage3.validation_split(types, 0.2, 1, paths.train_dir)
+    assert np.array_equal(again, fit_rows) and not np.array_equal(other, fit_rows)  # seeded by SEED
 
 
 def test_classifier_warm_up_learns_the_labels(tiny_adata):
