@@ -31,29 +31,30 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from models import io
+from models import distributed, io
 from models.config import load_config
 from models.gmvae import GMVAE
-from models.paths import CLUSTERS, Paths
+from models.paths import CLUSTERS, H5AD, Paths
 from models.split import stratified_split
+from models.streaming import (H5adCells, InMemoryCells, csr_nbytes, eval_batches, fit_batches,
+                              memory_budget_bytes, train_batches, type_sums)
 from models.train import (
     LOSS_PARTS,
     TrainingDiverged,
     amp_enabled,
-    evaluate,
-    fit_generation,
+    evaluate_batches,
+    fit_generation_from,
     is_finite,
-    library_prior,
+    library_prior_from_sums,
     load_checkpoint,
     make_optimizer,
     save_checkpoint,
-    train_epoch,
-    warm_up_classifier,
+    train_steps,
+    warm_up_steps,
 )
 from models.utils import (
     InputError,
     bound_heap_fragmentation,
-    get_device,
     peak_rss_mb,
     run_stage,
     set_seed,
@@ -68,7 +69,7 @@ DATA_DIR = "data"  # root of every stage's inputs and outputs; relative paths ar
 FIG_DIR = "fig"  # gmvae_loss.png goes here
 SEED = 0  # seeds initialisation, shuffling and the z draws; same seed, same model
 EPOCHS = 60  # total epochs (RESUME counts the ones already done); early stopping usually ends sooner
-BATCH_SIZE = 128  # cells per step; the original used 37 (8x more steps per epoch, same memory bound)
+BATCH_SIZE = 128  # cells per step and rank (torchrun: the effective batch is BATCH_SIZE x ranks); the original used 37
 LR = 1e-3  # Adam; the original's 6e-6 with a summed loss needed 4,000 epochs, this mean loss needs tens
 LIKELIHOOD = "zinb"  # "zinb" (the original's) or "nb" (no dropout head)
 Z_DIM = 32  # latent size, as the original
@@ -89,6 +90,10 @@ EVAL_BATCH_SIZE = 256  # cells per batch for the validation loss (no gradients)
 TEST_EVERY = 1  # epochs between validation evaluations (early stopping looks only at these)
 PATIENCE = 5  # stop after this many evaluations without a relative validation-loss gain of MIN_DELTA
 MIN_DELTA = 1e-3  # relative improvement that counts as progress (0.1% of the validation loss)
+MEMORY_BUDGET_GB = "auto"  # load train/ whole below this size (CSR bytes), else stream it from cells.h5ad by blocks;
+#                           "auto" = a quarter of the memory available at start, shared by this machine's ranks
+BLOCK_CELLS = 4096  # rows per block read from cells.h5ad when streaming (one h5py read each; ~4 MB at 1,000 nnz/cell)
+BUFFER_BLOCKS = 4  # streamed cells are shuffled within this many blocks (the blocks themselves in shuffled order)
 SAVE_EVERY = 5  # epochs between checkpoint writes (and always at the end or an early stop)
 RESUME = False  # continue from checkpoints/gmvae.pt (weights, optimizer, epoch, history) up to EPOCHS
 DEVICE = "auto"  # "auto": CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
@@ -96,6 +101,8 @@ TORCH_THREADS = 0  # 0 = one per core
 AMP = "auto"  # bfloat16 layers (float32 losses and weights): "auto" = where the CPU/GPU has native bf16; "bf16"; "off"
 BOUND_HEAP = False  # glibc mmap threshold 64 KB: flat RSS but ~25% slower here (page faults); chunks already bound memory
 # -----------------------------------------------------------------------------
+
+_WARMUP_EPOCH_KEY = 1 << 20  # warm-up epoch e shuffles with (SEED, _WARMUP_EPOCH_KEY + e): apart from the epochs'
 
 
 def model_config(cfg, n_genes: int, n_types: int) -> dict:
@@ -112,13 +119,34 @@ def read_training(paths: Paths):
     """(train AnnData, cell types), checked: every type 0..K-1 has training cells."""
     train = io.read_dataset(paths.train_dir, stage="_1_split_train_test.py")
     cell_types = list(train.obs["cell_type"].cat.categories)
-    missing = sorted(set(range(len(cell_types))) - set(train.obs["partition"].to_numpy()))
+    check_types_present(train.obs["partition"].to_numpy(), cell_types, paths)
+    return train, cell_types
+
+
+def open_training(cfg, paths: Paths, ctx):
+    """(CellSource, genes, cell types) of train/: loaded whole, or streamed from cells.h5ad when its
+    matrix is larger than MEMORY_BUDGET_GB (each rank then reads only its own blocks)."""
+    h5ad = paths.train_dir / H5AD
+    budget = memory_budget_bytes(cfg.MEMORY_BUDGET_GB, ctx.local_world_size)
+    if h5ad.exists() and csr_nbytes(h5ad) > budget:
+        source = H5adCells(h5ad, cfg.BLOCK_CELLS)
+        genes, cell_types = source.var_names, source.cell_types
+        check_types_present(source.labels, cell_types, paths)
+        log.info("streaming %s by blocks of %d cells: its matrix (%.2f GB as CSR) exceeds MEMORY_BUDGET_GB (%.2f GB)",
+                 h5ad, cfg.BLOCK_CELLS, csr_nbytes(h5ad) / 1e9, budget / 1e9)
+        return source, genes, cell_types
+    train, cell_types = read_training(paths)
+    source = InMemoryCells(train.X, train.obs["partition"].to_numpy(), cfg.BLOCK_CELLS)
+    return source, list(train.var_names), cell_types
+
+
+def check_types_present(labels, cell_types, paths: Paths) -> None:
+    missing = sorted(set(range(len(cell_types))) - set(np.unique(labels).tolist()))
     if missing:
         raise InputError(
             f"{paths.train_dir / CLUSTERS}: types {[cell_types[k] for k in missing]} have no training cells; "
             "labels must be 0..K-1 with every type present; rerun _1_split_train_test.py"
         )
-    return train, cell_types
 
 
 def validation_split(cell_types, fraction: float, seed: int, source) -> tuple[np.ndarray, np.ndarray]:
@@ -189,77 +217,101 @@ def main(argv=None):
     setup_logging()
     if cfg.LIKELIHOOD not in ("zinb", "nb"):
         raise InputError(f"LIKELIHOOD must be 'zinb' or 'nb', got {cfg.LIKELIHOOD!r}")
+    ctx = distributed.init(cfg.DEVICE)  # a world of one unless started by torchrun
+    try:
+        train_model(cfg, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def train_model(cfg, ctx) -> None:
     paths = Paths(cfg.DATA_DIR, cfg.FIG_DIR)
     set_seed(cfg.SEED)
-    set_torch_threads(cfg.TORCH_THREADS)
+    threads = set_torch_threads(cfg.TORCH_THREADS)
+    if cfg.TORCH_THREADS <= 0 and ctx.local_world_size > 1:  # ranks on one machine share its cores
+        set_torch_threads(max(1, threads // ctx.local_world_size))
     if cfg.BOUND_HEAP:
         bound_heap_fragmentation()
-    device = get_device(cfg.DEVICE)
+    device = ctx.device
     amp = amp_enabled(cfg.AMP, device)
 
-    train, cell_types = read_training(paths)
-    genes = list(train.var_names)
-    fit_rows, val_rows = validation_split(train.obs["cell_type"], cfg.VALIDATION_FRACTION, cfg.SEED,
-                                          paths.train_dir)
-    all_codes = train.obs["partition"].to_numpy().astype(np.int64)
-    train_counts, train_codes = train.X[fit_rows], all_codes[fit_rows]
-    val_counts, val_codes = train.X[val_rows], all_codes[val_rows]
-    del train
-    log.info("training on %d cells x %d genes, %d types (validation: %d cells of %s) on %s%s",
+    source, genes, cell_types = open_training(cfg, paths, ctx)
+    fit_rows, val_rows = validation_split(np.asarray(cell_types)[source.labels], cfg.VALIDATION_FRACTION,
+                                          cfg.SEED, paths.train_dir)
+    fit_mask = np.zeros(source.n_cells, dtype=bool)
+    fit_mask[fit_rows] = True
+    val_mask = ~fit_mask
+    log.info("training on %d cells x %d genes, %d types (validation: %d cells of %s) on %s%s%s",
              len(fit_rows), len(genes), len(cell_types), len(val_rows), paths.train_dir, device,
-             " (bfloat16 layers)" if amp else "")
+             " (bfloat16 layers)" if amp else "",
+             f", {ctx.world_size} ranks: effective batch {cfg.BATCH_SIZE * ctx.world_size}" if ctx.distributed else "")
 
     config = model_config(cfg, len(genes), len(cell_types))
     model = GMVAE(**config)
-    model.init_from_data(np.asarray(train_counts.mean(axis=0)).ravel())
-    model.set_library_prior(*library_prior(train_counts, train_codes, len(cell_types)))
+    # per-type gene sums and library sizes of the training cells: rank 0 alone needs them (it
+    # initialises the model, which is then broadcast, and fits the generation buffers)
+    check_source = source.path if not source.in_memory else None
+    stats = distributed.on_main(ctx, lambda: type_sums(source, fit_mask, len(cell_types), check_source))
+    sums, n_per_type, log_lib = stats
+    model.init_from_data(sums.sum(axis=0) / max(n_per_type.sum(), 1))
+    model.set_library_prior(*library_prior_from_sums(log_lib, n_per_type))
     model.to(device)
     optimizer = make_optimizer(model, cfg.LR)
     start_epoch, best_loss, best_epoch, stale = 0, float("inf"), 0, 0
     history: list[dict] = []
     if cfg.RESUME and paths.gmvae_checkpoint.exists():
-        checkpoint = resume_state(cfg, paths, config, genes, cell_types)
+        # rank 0 reads and checks it; every rank gets the same weights, optimizer state and counters
+        checkpoint = distributed.on_main(ctx, lambda: resume_state(cfg, paths, config, genes, cell_types))
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch = checkpoint["epoch"]
         best_loss = checkpoint.get("best_val_loss", checkpoint.get("best_test_loss"))  # older checkpoints
         best_epoch = checkpoint["best_epoch"]
         stale = checkpoint["stale_evals"]
-        history = read_history(paths.gmvae_history, start_epoch)
+        history = read_history(paths.gmvae_history, start_epoch) if ctx.is_main else []
         log.info("resuming from epoch %d of %s", start_epoch, paths.gmvae_checkpoint)
     elif cfg.RESUME:
         log.warning("RESUME=true but %s does not exist; training from scratch", paths.gmvae_checkpoint)
+    distributed.broadcast_module(model, ctx)  # every rank starts from rank 0's weights
     if start_epoch >= cfg.EPOCHS:
         log.info("checkpoint is already at epoch %d >= EPOCHS=%d; nothing to do", start_epoch, cfg.EPOCHS)
         return
 
+    def batches(epoch: int):
+        return train_batches(source, fit_mask, cfg.BATCH_SIZE, cfg.SEED, epoch, device, ctx.rank, ctx.world_size,
+                             cfg.BUFFER_BLOCKS)
+
     settings = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
-    rng = np.random.default_rng([cfg.SEED, start_epoch])  # resumed runs shuffle differently from epoch 1
     if start_epoch == 0 and cfg.CLS_WARMUP_EPOCHS > 0:
-        accuracy = warm_up_classifier(model, train_counts, train_codes, cfg.BATCH_SIZE, device, rng,
-                                      cfg.CLS_WARMUP_EPOCHS, cfg.LR)
+        accuracy = warm_up_steps(model, lambda e: batches(_WARMUP_EPOCH_KEY + e), cfg.CLS_WARMUP_EPOCHS, cfg.LR, ctx)
         log.info("assignment MLP warmed up for %d epochs on -log pi_label: training accuracy %.3f",
                  cfg.CLS_WARMUP_EPOCHS, accuracy)
+    trained = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
 
     def save(epoch: int) -> None:
+        if not ctx.is_main:
+            return
         # what _5_ samples from: the per-type Gaussian of the training encodings (PRIOR="posterior")
         # and the per-type gene-mean calibration (CALIBRATE=True)
-        fit_generation(model, train_counts, train_codes, cfg.EVAL_BATCH_SIZE, device, cfg.SEED)
+        fit_generation_from(model, fit_batches(source, fit_mask, cfg.EVAL_BATCH_SIZE, device), sums, n_per_type,
+                            cfg.SEED)
         save_checkpoint(paths.gmvae_checkpoint, model, optimizer, epoch, genes, cell_types,
                         best_val_loss=float(best_loss), best_epoch=int(best_epoch), stale_evals=int(stale),
                         settings=settings)
 
     def write_history() -> None:
-        io.write_table(pd.DataFrame(history), paths.gmvae_history, index=False)
+        if ctx.is_main:
+            io.write_table(pd.DataFrame(history), paths.gmvae_history, index=False)
 
     bar = tqdm(range(start_epoch + 1, cfg.EPOCHS + 1), initial=start_epoch, total=cfg.EPOCHS,
-               desc="GMVAE", unit="epoch", dynamic_ncols=True)
+               desc="GMVAE", unit="epoch", dynamic_ncols=True, disable=not ctx.is_main)
     epoch = start_epoch
     for epoch in bar:
         started = time.perf_counter()
+        generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.SEED, epoch, ctx.rank))
         try:
-            train_parts = train_epoch(model, optimizer, train_counts, train_codes, cfg.BATCH_SIZE, device, rng,
-                                      cfg.PI_MIN, epoch, pi_grad=cfg.PI_GRAD, amp=amp)
+            train_parts = train_steps(trained, optimizer, batches(epoch), cfg.PI_MIN, epoch, pi_grad=cfg.PI_GRAD,
+                                      amp=amp, generator=generator, ctx=ctx)
         except TrainingDiverged:
             if history:
                 write_history()
@@ -268,7 +320,8 @@ def main(argv=None):
         row.update({f"val_{k}": float("nan") for k in (*LOSS_PARTS, "accuracy")})
         stop = False
         if epoch % cfg.TEST_EVERY == 0 or epoch == cfg.EPOCHS:
-            val_parts = evaluate(model, val_counts, val_codes, cfg.EVAL_BATCH_SIZE, device, cfg.PI_MIN, cfg.SEED)
+            keyed = eval_batches(source, val_mask, cfg.EVAL_BATCH_SIZE, device, ctx.rank, ctx.world_size)
+            val_parts = evaluate_batches(model, keyed, cfg.PI_MIN, cfg.SEED, ctx)  # summed over the ranks
             if not is_finite(val_parts["loss"]):
                 write_history()
                 raise TrainingDiverged(
@@ -281,6 +334,7 @@ def main(argv=None):
             else:
                 stale += 1
                 stop = stale >= cfg.PATIENCE
+            stop = distributed.broadcast_object(stop, ctx)  # rank 0 decides; every rank stops together
         row["seconds"] = time.perf_counter() - started
         history.append(row)
         write_history()
@@ -289,10 +343,12 @@ def main(argv=None):
         if stop or epoch % cfg.SAVE_EVERY == 0 or epoch == cfg.EPOCHS:
             save(epoch)
         if stop:
-            log.info("validation loss has not improved for %d evaluations (best %.2f at epoch %d): stopping at epoch %d",
-                     stale, best_loss, best_epoch, epoch)
+            log.info("validation loss has not improved for %d evaluations (best %.2f at epoch %d): stopping at "
+                     "epoch %d", stale, best_loss, best_epoch, epoch)
             break
     bar.close()
+    if not ctx.is_main:
+        return
     plot_history(pd.DataFrame(history), paths.fig_dir / "gmvae_loss.png")
     last = history[-1]
     log.info("epoch %d: validation loss %.2f (label -ELBO %.2f), accuracy %.3f; peak RSS %.0f MB; wrote %s",

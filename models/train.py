@@ -11,12 +11,14 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from models import distributed
+from models.distributed import Context
 from models.gmvae import GMVAE, Batch
 from models.io import atomic_path
 from models.utils import InputError
@@ -46,6 +48,15 @@ def library_prior(counts: sp.csr_matrix, labels: np.ndarray, n_types: int) -> tu
     return loc, scale
 
 
+def library_prior_from_sums(log_lib: np.ndarray, n_cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`library_prior` from per-type sums [2, K] of log library size and its square."""
+    n = np.maximum(np.asarray(n_cells, dtype=np.float64), 1.0)
+    loc = np.where(n_cells > 0, log_lib[0] / n, 0.0)
+    var = np.maximum(log_lib[1] / n - loc ** 2, 0.0)
+    scale = np.where(n_cells > 1, np.sqrt(var), np.where(n_cells == 1, 0.0, 1.0))
+    return loc, scale
+
+
 def iterate_batches(counts: sp.csr_matrix, labels: np.ndarray, batch_size: int, device,
                     order: np.ndarray | None = None):
     """Yield ``Batch`` objects (sparse until they reach the device) in ``order`` (default: as stored)."""
@@ -58,21 +69,37 @@ def iterate_batches(counts: sp.csr_matrix, labels: np.ndarray, batch_size: int, 
 @torch.no_grad()
 def evaluate(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, batch_size: int, device,
              pi_min: float = 0.0, seed: int = 0) -> dict[str, float]:
-    """Mean per-cell loss parts and classification accuracy on a dataset (z drawn with a fixed seed)."""
+    """Mean per-cell loss parts and classification accuracy on a dataset (z drawn with fixed seeds)."""
+    keyed = ((index, batch) for index, batch in enumerate(iterate_batches(counts, labels, batch_size, device)))
+    return evaluate_batches(model, keyed, pi_min, seed)
+
+
+@torch.no_grad()
+def evaluate_batches(model: GMVAE, keyed_batches: Iterable[tuple], pi_min: float = 0.0, seed: int = 0,
+                     ctx: Context | None = None) -> dict[str, float]:
+    """Mean per-cell loss parts and accuracy over (key, batch) pairs, summed over the ranks.
+
+    Each batch draws its z with a generator seeded by (seed, key), so the result does not depend
+    on how the batches were dealt out to the ranks. Runs without DDP (no collectives but the
+    final sum).
+    """
+    ctx = ctx or Context()
+    model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sums = dict.fromkeys(LOSS_PARTS, 0.0)
-    correct = 0
-    for batch in iterate_batches(counts, labels, batch_size, device):
+    sums = np.zeros(len(LOSS_PARTS) + 2)  # loss parts, correct, cells
+    for key, batch in keyed_batches:
+        key = key if isinstance(key, tuple) else (key,)
+        generator = torch.Generator(device=batch.dense.device).manual_seed(distributed.rank_seed(seed, *key))
         out = model(batch, pi_min=pi_min, generator=generator)
-        for name in LOSS_PARTS:
-            sums[name] += float(out[name].sum())
-        correct += int((out["log_pi"].argmax(-1) == batch.labels).sum())
+        sums[:len(LOSS_PARTS)] += [float(out[name].sum()) for name in LOSS_PARTS]
+        sums[-2] += int((out["log_pi"].argmax(-1) == batch.labels).sum())
+        sums[-1] += batch.dense.shape[0]
     model.train(was_training)
-    n_cells = max(counts.shape[0], 1)
-    result = {name: value / n_cells for name, value in sums.items()}
-    result["accuracy"] = correct / n_cells
+    sums = distributed.all_sum(sums, ctx)
+    n_cells = max(sums[-1], 1.0)
+    result = {name: float(value / n_cells) for name, value in zip(LOSS_PARTS, sums)}
+    result["accuracy"] = float(sums[-2] / n_cells)
     return result
 
 
@@ -118,18 +145,34 @@ def warm_up_classifier(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, 
     pi near the labels, so pairs with negligible pi can be skipped from the first GMVAE epoch
     (with PI_MIN > 0). Returns the training accuracy of the last epoch.
     """
+    def batches(_epoch):
+        return iterate_batches(counts, labels, batch_size, device, order=rng.permutation(counts.shape[0]))
+
+    return warm_up_steps(model, batches, epochs, lr)
+
+
+def warm_up_steps(model: GMVAE, batches: Callable[[int], Iterable[Batch]], epochs: int, lr: float,
+                  ctx: Context | None = None) -> float:
+    """:func:`warm_up_classifier` over ``batches(epoch)`` for epochs 1..``epochs``. Under
+    torchrun the assignment MLP is wrapped in its own DistributedDataParallel, so this phase's
+    gradients are averaged over the ranks too. Returns the last epoch's accuracy (all ranks)."""
+    ctx = ctx or Context()
+    classifier = distributed.wrap(model.classifier, ctx)
     optimizer = torch.optim.Adam(model.classifier.parameters(), lr=lr)
     accuracy = 0.0
-    for _ in range(epochs):
-        correct = 0
-        for batch in iterate_batches(counts, labels, batch_size, device, order=rng.permutation(counts.shape[0])):
-            logits = model.class_logits(batch.dense)
+    for epoch in range(1, epochs + 1):
+        correct = seen = 0
+        for batch in batches(epoch):
+            logits = classifier(model._input(batch.dense))
             loss = torch.nn.functional.cross_entropy(logits, batch.labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             correct += int((logits.argmax(-1) == batch.labels).sum())
-        accuracy = correct / max(counts.shape[0], 1)
+            seen += batch.dense.shape[0]
+        total = distributed.all_sum([correct, seen], ctx)
+        accuracy = float(total[0] / max(total[1], 1.0))
+    del classifier  # its DDP hooks go with it, before the whole model is wrapped
     return accuracy
 
 
@@ -142,14 +185,30 @@ def train_epoch(model: GMVAE, optimizer, counts: sp.csr_matrix, labels: np.ndarr
     ``amp``: run the layers in bfloat16 (:func:`autocast`); the likelihood, the KL terms and the
     optimizer state stay float32. Evaluation (:func:`evaluate`) is always float32.
     """
+    batches = iterate_batches(counts, labels, batch_size, device, order=rng.permutation(counts.shape[0]))
+    return train_steps(model, optimizer, batches, pi_min, epoch, progress=progress, pi_grad=pi_grad, amp=amp)
+
+
+def train_steps(model, optimizer, batches: Iterable[Batch], pi_min: float, epoch: int,
+                progress: Callable[[], None] | None = None, pi_grad: bool = True, amp: bool = False,
+                generator: torch.Generator | None = None, ctx: Context | None = None) -> dict[str, float]:
+    """One optimisation step per batch; returns the mean loss parts and accuracy over every
+    rank's cells. ``model`` may be DistributedDataParallel-wrapped (:func:`models.distributed.wrap`):
+    its backward then averages the gradients over the ranks, which all run the same number of
+    steps. A non-finite loss on any rank stops every rank at the same step (one small
+    all-reduce per step under torchrun). ``generator`` draws the reparameterised z."""
+    ctx = ctx or Context()
     model.train()
-    sums = dict.fromkeys(LOSS_PARTS, 0.0)
-    correct = 0
-    for batch in iterate_batches(counts, labels, batch_size, device, order=rng.permutation(counts.shape[0])):
+    sums = np.zeros(len(LOSS_PARTS) + 2)  # loss parts, correct, cells
+    for batch in batches:
+        device = batch.dense.device
         with autocast(device, amp):
-            out = model(batch, pi_min=pi_min, pi_grad=pi_grad)
+            out = model(batch, pi_min=pi_min, pi_grad=pi_grad, generator=generator)
         loss = out["loss"].mean()
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if ctx.distributed:
+            finite = not distributed.any_rank(not finite, ctx)
+        if not finite:
             raise TrainingDiverged(
                 f"training loss became {float(loss.detach())} at epoch {epoch}; the checkpoint on disk was not "
                 "overwritten. Lower LR, or set LOG_INPUT=True, then rerun (RESUME=True continues from it)"
@@ -157,14 +216,15 @@ def train_epoch(model: GMVAE, optimizer, counts: sp.csr_matrix, labels: np.ndarr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        for name in LOSS_PARTS:
-            sums[name] += float(out[name].detach().sum())
-        correct += int((out["log_pi"].argmax(-1) == batch.labels).sum())
+        sums[:len(LOSS_PARTS)] += [float(out[name].detach().sum()) for name in LOSS_PARTS]
+        sums[-2] += int((out["log_pi"].argmax(-1) == batch.labels).sum())
+        sums[-1] += batch.dense.shape[0]
         if progress is not None:
             progress()
-    n_cells = counts.shape[0]
-    result = {name: value / n_cells for name, value in sums.items()}
-    result["accuracy"] = correct / n_cells
+    sums = distributed.all_sum(sums, ctx)
+    n_cells = max(sums[-1], 1.0)
+    result = {name: float(value / n_cells) for name, value in zip(LOSS_PARTS, sums)}
+    result["accuracy"] = float(sums[-2] / n_cells)
     return result
 
 
@@ -177,10 +237,17 @@ def fit_generation(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, batc
     n_types = model.n_types
     n_cells = np.bincount(labels, minlength=n_types)
     sums = np.vstack([np.asarray(counts[labels == k].sum(axis=0)).ravel() for k in range(n_types)])
-    means = sums / np.maximum(n_cells, 1)[:, None]
+    fit_generation_from(model, iterate_batches(counts, labels, batch_size, device), sums, n_cells, seed)
+
+
+def fit_generation_from(model: GMVAE, batches: Iterable[Batch], type_sums: np.ndarray, n_cells: np.ndarray,
+                        seed: int = 0) -> None:
+    """:func:`fit_generation` from any pass over the training batches and the per-type gene sums."""
+    model = distributed.unwrap(model)
+    means = type_sums / np.maximum(n_cells, 1)[:, None]
     was_training = model.training
     model.eval()
-    model.fit_posterior_prior(iterate_batches(counts, labels, batch_size, device))
+    model.fit_posterior_prior(batches)
     model.fit_mean_calibration(means, n_cells, torch.Generator(device=model.onehot.device).manual_seed(seed))
     model.train(was_training)
 
@@ -188,6 +255,7 @@ def fit_generation(model: GMVAE, counts: sp.csr_matrix, labels: np.ndarray, batc
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, model: GMVAE, optimizer, epoch: int, genes, cell_types, **extra) -> None:
     """Write the checkpoint dict atomically (a crash leaves the previous file intact)."""
+    model = distributed.unwrap(model)  # the same keys with or without DDP: no "module." prefix
     state = {
         "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
         "config": dict(model.config),
