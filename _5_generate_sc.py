@@ -27,6 +27,8 @@ Writes (DATA_DIR/generated/, or generated/<sample>/ per bulk sample when there a
 Run:
     python _5_generate_sc.py
     python _5_generate_sc.py --CELL_COUNTS=counts.csv --SEED=7 --NOISE_SCALE=0.8
+    torchrun --standalone --nproc_per_node=4 _5_generate_sc.py --N_CELLS=1e7   # ranks share each sample's
+                                                                               # RNG blocks; same files
 """
 from __future__ import annotations
 
@@ -39,14 +41,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models import evaluation, generate, plots
+from models import distributed, evaluation, generate, plots, sharded
 from models.baseline import fit_nb_per_type
 from models.config import load_config, save_config
 from models.io import atomic_path, encode_labels, read_dataset
 from models.metrics import proportion_metrics
 from models.paths import Paths, resolve
 from models.train import load_gmvae
-from models.utils import (InputError, get_device, peak_rss_mb, run_stage, set_seed,
+from models.utils import (InputError, peak_rss_mb, run_stage, set_seed,
                           set_torch_threads, setup_logging)
 
 log = logging.getLogger("bulk2sc.generate")
@@ -185,12 +187,22 @@ def log_summary(name: str, metrics: dict) -> None:
 def main(argv=None) -> dict:
     cfg = load_config(globals(), argv)
     setup_logging()
+    ctx = distributed.init(cfg.DEVICE)  # a world of one unless started by torchrun
+    try:
+        return generate_all(cfg, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def generate_all(cfg, ctx) -> dict:
     paths = Paths(cfg.DATA_DIR, cfg.FIG_DIR)
     set_seed(cfg.SEED)
-    set_torch_threads(cfg.TORCH_THREADS)
+    threads = set_torch_threads(cfg.TORCH_THREADS)
+    if cfg.TORCH_THREADS <= 0 and ctx.local_world_size > 1:  # ranks on one machine share its cores
+        set_torch_threads(max(1, threads // ctx.local_world_size))
     if cfg.CHUNK_CELLS <= 0:
         raise InputError(f"CHUNK_CELLS must be positive, got {cfg.CHUNK_CELLS}")
-    device = get_device(cfg.DEVICE)
+    device = ctx.device
 
     model, meta = load_gmvae(paths.gmvae_checkpoint, device)
     genes, cell_types = [str(g) for g in meta["genes"]], [str(c) for c in meta["cell_types"]]
@@ -221,16 +233,30 @@ def main(argv=None) -> dict:
         log.warning("%s has no gene-mean calibration (written before it existed); generating uncalibrated. "
                     "Rerun _3_train_gmvae.py to get it", paths.gmvae_checkpoint)
     sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE, method=cfg.SAMPLER, prior=prior, calibrate=calibrate)
+
+    def folder_of(sample):
+        return paths.generated_dir / safe_name(sample) if several else paths.generated_dir
+
+    if ctx.distributed:  # every rank draws its share of every sample; the files equal one process's
+        sharded.write_generated_sharded([folder_of(s) for s in counts.index], sampler, genes, cell_types,
+                                        [counts.loc[s].to_numpy() for s in counts.index], list(map(str, counts.index)),
+                                        cfg.SEED, cfg.CHUNK_CELLS, ctx, device=device)
+        if not ctx.is_main:  # rank 0 alone scores, draws the figures and writes config.json
+            return {}
     summary, shares = {}, {}
     for stream, sample in enumerate(counts.index):
-        folder = paths.generated_dir / safe_name(sample) if several else paths.generated_dir
+        folder = folder_of(sample)
         suffix = f"_{safe_name(sample)}" if several else ""
         per_type = counts.loc[sample]
         log.info("sample %s: %d cells -> %s (%s)", sample, per_type.sum(), folder,
                  ", ".join(f"{t}={n}" for t, n in per_type.items() if n))
-        codes, kept = generate.write_generated(
-            folder, sampler, genes, cell_types, per_type.to_numpy(), cfg.SEED, cfg.CHUNK_CELLS, stream=stream,
-            sample=str(sample), keep_cells=cfg.EVAL_MAX_CELLS if evaluate_now else 0, device=device)
+        keep_cells = cfg.EVAL_MAX_CELLS if evaluate_now else 0
+        if ctx.distributed:
+            codes, kept = sharded.read_kept(folder, per_type.to_numpy(), keep_cells, cfg.SEED)
+        else:
+            codes, kept = generate.write_generated(
+                folder, sampler, genes, cell_types, per_type.to_numpy(), cfg.SEED, cfg.CHUNK_CELLS, stream=stream,
+                sample=str(sample), keep_cells=keep_cells, device=device)
         shares[str(sample)] = per_type / per_type.sum()
         log.info("wrote %s (matrix.mtx, cells.h5ad, clusters.csv); peak RSS %.0f MiB", folder, peak_rss_mb())
         if not evaluate_now:

@@ -293,30 +293,33 @@ def block_generator(seed: int, stream: int, block: int, device: str | torch.devi
 
 def generate_chunks(sampler: Sampler, type_codes: np.ndarray, seed: int, chunk_cells: int, stream: int = 0,
                     block_cells: int = BLOCK_CELLS, device: str | torch.device = "cpu",
-                    progress: bool = False) -> Iterator[sp.csr_matrix]:
+                    progress: bool = False, blocks: range | None = None) -> Iterator[sp.csr_matrix]:
     """Yield cells x genes CSR int32 count chunks, in cell order, covering ``type_codes``.
 
     Every chunk holds whole RNG blocks (about ``chunk_cells`` cells, at least one block), so
-    the concatenated output does not depend on ``chunk_cells``.
+    the concatenated output does not depend on ``chunk_cells``. ``blocks``: only these RNG
+    blocks (a rank's share, starting on a chunk boundary), giving the same chunks as the whole run.
     """
     type_codes = np.asarray(type_codes, dtype=np.int64)
     n_cells = len(type_codes)
     blocks_per_chunk = max(1, -(-int(chunk_cells) // block_cells))
+    n_blocks = -(-n_cells // block_cells)
+    blocks = range(n_blocks) if blocks is None else blocks
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=n_cells, unit="cell", desc="generating", mininterval=2.0)
+        bar = tqdm(total=min(n_cells, blocks.stop * block_cells) - blocks.start * block_cells if len(blocks) else 0,
+                   unit="cell", desc="generating", mininterval=2.0)
     pending: list[sp.csr_matrix] = []
-    n_blocks = -(-n_cells // block_cells)
     with torch.inference_mode():
-        for block in range(n_blocks):
+        for block in blocks:
             start, stop = block * block_cells, min(n_cells, (block + 1) * block_cells)
             codes = torch.from_numpy(type_codes[start:stop]).to(device)
             counts = sampler(codes, block_generator(seed, stream, block, device))
             pending.append(counts if sp.issparse(counts) else dense_to_csr(counts))
             if bar is not None:
                 bar.update(stop - start)
-            if len(pending) == blocks_per_chunk or block == n_blocks - 1:
+            if len(pending) == blocks_per_chunk or block == blocks[-1]:
                 yield pending[0] if len(pending) == 1 else sp.vstack(pending, format="csr")
                 pending = []
     if bar is not None:
@@ -385,6 +388,13 @@ def format_triplets(first: np.ndarray, second: np.ndarray, third: np.ndarray) ->
     return chars[chars != 0].tobytes()
 
 
+def mtx_lines(chunk: sp.csr_matrix, first_cell: int) -> bytes:
+    """matrix.mtx lines (genes x cells, 1-based "gene cell count") of a sorted CSR chunk whose first
+    row is cell ``first_cell`` (0-based) of the dataset."""
+    cells = np.repeat(np.arange(chunk.shape[0], dtype=np.int64) + first_cell + 1, np.diff(chunk.indptr))
+    return format_triplets(chunk.indices.astype(np.int64) + 1, cells, chunk.data)
+
+
 # ----------------------------------------------------------------------------- writer
 @dataclass
 class DatasetWriter:
@@ -440,8 +450,9 @@ class DatasetWriter:
         adata = ad.AnnData(obs=self._obs(), var=pd.DataFrame(index=pd.Index([str(g) for g in self.genes], name="gene")))
         adata.write_h5ad(self._h5_path)  # no X yet: it is appended below
 
-    def append(self, chunk: sp.csr_matrix) -> None:
-        """Add the next cells (cells x genes CSR, integer counts)."""
+    def append(self, chunk: sp.csr_matrix, mtx: bool = True) -> None:
+        """Add the next cells (cells x genes CSR, integer counts). ``mtx=False``: to cells.h5ad only,
+        their matrix.mtx lines come from :meth:`append_mtx_lines` (a rank's part, already formatted)."""
         chunk = sp.csr_matrix(chunk)
         n_rows = chunk.shape[0]
         if chunk.shape[1] != self.n_genes or self.n_written + n_rows > self.n_cells:
@@ -454,11 +465,15 @@ class DatasetWriter:
         self._data[start:stop] = chunk.data.astype(np.int32, copy=False)
         self._indices[start:stop] = chunk.indices.astype(np.int32, copy=False)
         self._indptr[self.n_written + 1:self.n_written + n_rows + 1] = chunk.indptr[1:].astype(np.int64) + start
-        # matrix.mtx is genes x cells, 1-based: "gene cell count" per entry.
-        cells = np.repeat(np.arange(n_rows, dtype=np.int64) + self.n_written + 1, np.diff(chunk.indptr))
-        self._body.write(format_triplets(chunk.indices.astype(np.int64) + 1, cells, chunk.data))
+        if mtx:
+            self._body.write(mtx_lines(chunk, self.n_written))
         self.n_written += n_rows
         self.nnz = stop
+
+    def append_mtx_lines(self, path: Path) -> None:
+        """Copy matrix.mtx lines written by :func:`mtx_lines` elsewhere (in cell order)."""
+        with open(path, "rb") as lines:
+            shutil.copyfileobj(lines, self._body, length=1 << 24)
 
     def close(self) -> None:
         """Check every cell arrived, then move all files into place."""

@@ -202,3 +202,27 @@ def test_two_launchers_meet_at_a_local_c10d_rendezvous(data_dir, tmp_path):
     assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
     assert any("2 ranks" in out for out in outputs)
     assert Paths(data_dir).gmvae_checkpoint.exists()
+
+
+def test_sharded_generation_is_byte_identical_to_one_process(data_dir, tmp_path):
+    """torchrun with 2 ranks writes the same bytes as one process, for a cohort of 3 samples."""
+    import _3_train_gmvae as stage3
+    import _5_generate_sc as stage5
+
+    stage3.main([f"--DATA_DIR={data_dir}", f"--FIG_DIR={tmp_path / 'fig'}", *SMALL, "--EPOCHS=1"])
+    paths = Paths(data_dir)
+    paths.proportions.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [1.0, 0.0, 0.0]], index=["s1", "s2", "s3"],
+                 columns=["alpha", "beta", "gamma"]).to_csv(paths.proportions)
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    args = ["--N_CELLS=1300", "--CHUNK_CELLS=512", "--FIGURES=false", "--N_TOP_GENES=50", "--N_PCS=5",
+            "--N_CORR_GENES=10"]  # 6 RNG blocks in 3 chunks per sample: rank 0 takes 1 chunk, rank 1 two
+    stage5.main([f"--DATA_DIR={data_dir}", *args])
+    assert "2 ranks" in torchrun([REPO / "_5_generate_sc.py", f"--DATA_DIR={other}", *args])
+    for sample in ("s1", "s2", "s3"):
+        for name in ("matrix.mtx", "cells.h5ad", "clusters.csv", "barcodes.tsv", "genes.tsv", "metrics.json"):
+            one, two = paths.generated_dir / sample / name, Paths(other).generated_dir / sample / name
+            assert one.read_bytes() == two.read_bytes(), f"{sample}/{name}"
+        assert not list((Paths(other).generated_dir / sample).glob(".*"))  # no part files left
+    assert (Paths(other).generated_dir / "metrics.json").read_bytes() == paths.generated_metrics.read_bytes()
