@@ -4,7 +4,8 @@ Reads:
     DATA_DIR/train/, DATA_DIR/test/     (from _1_split_train_test.py)
     DATA_DIR/raw/GeneLength.txt         (from _0_download_data.py)
 Writes, in DATA_DIR/sctape/:
-    reference.txt.gz        training cells x genes raw counts, row index = cell-type name
+    reference.txt.gz        training cells (at most REFERENCE_CELLS_PER_TYPE per type) x genes raw counts,
+                            row index = cell-type name
                             (the tab-separated layout TAPE.generate_simulated_data reads)
     pseudobulk_counts.tsv   samples x genes summed raw counts of random test-cell subsets
     pseudobulk_tpm.tsv      the same in TPM (rows sum to 1e6): CPM for UMI counts (PROTOCOL="umi",
@@ -32,6 +33,7 @@ from models import bulk
 from models.bulk import counts_to_expression, sample_pseudobulks
 from models.config import load_config, save_config
 from models.paths import Paths
+from models.split import cap_per_type
 from models.utils import InputError, require_files, run_stage, setup_logging
 
 log = logging.getLogger("bulk2sc.sctape_inputs")
@@ -42,6 +44,9 @@ SEED = 123  # pseudo-bulk s uses the generator seeded with (SEED, s)
 N_PSEUDOBULK = 5  # independent pseudo-bulk samples drawn from the test cells
 MIN_CELL_FRACTION = 1 / 3  # each sample takes at least this share of the test cells ...
 MAX_CELL_FRACTION = 1.2 / 3  # ... and at most this share (the original's range)
+REFERENCE_CELLS_PER_TYPE = 5000  # cap per type of sctape/reference.txt.gz (seeded by SEED); TAPE draws at most
+#                                  500 cells of a type per simulated bulk, with replacement, so 10x that keeps the
+#                                  draws varied while an atlas no longer becomes cells x genes of text; 0 = no cap
 CHUNK_CELLS = 1000  # rows of the reference table densified at a time (bounds memory)
 PROTOCOL = "umi"  # how the single cells were counted: "umi" (10x, Drop-seq as GSE130148: a count is a molecule, so TPM is CPM) or "full_length" (Smart-seq2: reads scale with gene length)
 # -----------------------------------------------------------------------------
@@ -87,7 +92,14 @@ def main(argv=None) -> None:
     for name, cells in zip(truth.index, members):
         log.info("%s: %d test cells", name, len(cells))
 
-    write_reference_table(train, paths.sctape_reference, cfg.CHUNK_CELLS)
+    reference_rows = cap_per_type(train.obs["cell_type"].astype(str), cfg.REFERENCE_CELLS_PER_TYPE, cfg.SEED)
+    if len(reference_rows) < train.n_obs:
+        log.info("reference table: %d of %d training cells (at most REFERENCE_CELLS_PER_TYPE=%d per type)",
+                 len(reference_rows), train.n_obs, cfg.REFERENCE_CELLS_PER_TYPE)
+    else:
+        log.info("reference table: all %d training cells (none of the types has more than "
+                 "REFERENCE_CELLS_PER_TYPE=%d)", train.n_obs, cfg.REFERENCE_CELLS_PER_TYPE)
+    write_reference_table(train[reference_rows], paths.sctape_reference, cfg.CHUNK_CELLS)
     io.write_table(counts, paths.pseudobulk_counts, sep="\t")
     io.write_table(tpm, paths.pseudobulk_tpm, sep="\t")
     io.write_table(truth, paths.pseudobulk_truth)

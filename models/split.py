@@ -29,3 +29,17 @@ def stratified_split(cell_types, test_fraction: float = 0.25, seed: int = 123) -
     test = np.sort(np.concatenate(test)) if test else np.array([], dtype=np.int64)
     train = np.setdiff1d(np.arange(len(labels)), test)
     return train, test
+
+
+def cap_per_type(cell_types, max_per_type: int, seed: int = 123) -> np.ndarray:
+    """Sorted indices keeping at most ``max_per_type`` cells of each type (a seeded random choice
+    within the larger types; smaller types whole). ``max_per_type <= 0`` keeps every cell."""
+    labels = pd.Series(list(cell_types), dtype=str).to_numpy()
+    if max_per_type <= 0:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    kept = []
+    for name in sorted(set(labels)):  # sorted: the draw order must not depend on hash order
+        members = np.flatnonzero(labels == name)
+        kept.append(members if len(members) <= max_per_type else rng.choice(members, size=max_per_type, replace=False))
+    return np.sort(np.concatenate(kept)) if kept else np.array([], dtype=np.int64)
