@@ -20,6 +20,8 @@ Run:
     python _3_train_gmvae.py
     python _3_train_gmvae.py --EPOCHS=200 --RESUME=true          # continue to 200 epochs in total
     python _3_train_gmvae.py --LIKELIHOOD=nb --DATA_DIR=/tmp/pbmc
+    torchrun --standalone --nproc_per_node=4 _3_train_gmvae.py        # DDP; BATCH_SIZE is per rank
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 _3_train_gmvae.py
 """
 from __future__ import annotations
 
@@ -149,21 +151,24 @@ def check_types_present(labels, cell_types, paths: Paths) -> None:
         )
 
 
-def validation_split(cell_types, fraction: float, seed: int, source) -> tuple[np.ndarray, np.ndarray]:
+def validation_split(labels, fraction: float, seed: int, source, names=None) -> tuple[np.ndarray, np.ndarray]:
     """(fit rows, validation rows) of the training cells: ``fraction`` of each type, seeded.
 
-    Every type keeps at least one cell to fit on; early stopping then never looks at test/.
+    ``labels``: per-cell type codes (or names; ``names`` maps codes to names in messages). Every
+    type keeps at least one cell to fit on; early stopping then never looks at test/.
     """
     if not 0.0 < fraction < 1.0:
         raise InputError(f"VALIDATION_FRACTION must be in (0, 1), got {fraction}")
-    fit_rows, val_rows = stratified_split(cell_types, fraction, seed=seed)
-    names = pd.Series(list(cell_types), dtype=str)
-    lost = sorted(set(names) - set(names.iloc[fit_rows]))
+    fit_rows, val_rows = stratified_split(labels, fraction, seed=seed)
+    labels = np.asarray(labels)
+    lost = sorted(set(labels.tolist()) - set(labels[fit_rows].tolist()))
+    if names is not None:
+        lost = [names[k] for k in lost]
     if lost:
         raise InputError(f"{source}: VALIDATION_FRACTION={fraction} leaves types {lost[:5]} no cells to train on; "
                          "lower VALIDATION_FRACTION")
     if len(val_rows) == 0:
-        raise InputError(f"{source}: VALIDATION_FRACTION={fraction} of {len(names)} cells is no cell; "
+        raise InputError(f"{source}: VALIDATION_FRACTION={fraction} of {len(labels)} cells is no cell; "
                          "raise VALIDATION_FRACTION")
     return fit_rows, val_rows
 
@@ -236,8 +241,8 @@ def train_model(cfg, ctx) -> None:
     amp = amp_enabled(cfg.AMP, device)
 
     source, genes, cell_types = open_training(cfg, paths, ctx)
-    fit_rows, val_rows = validation_split(np.asarray(cell_types)[source.labels], cfg.VALIDATION_FRACTION,
-                                          cfg.SEED, paths.train_dir)
+    fit_rows, val_rows = validation_split(source.labels, cfg.VALIDATION_FRACTION, cfg.SEED, paths.train_dir,
+                                          cell_types)
     fit_mask = np.zeros(source.n_cells, dtype=bool)
     fit_mask[fit_rows] = True
     val_mask = ~fit_mask

@@ -215,7 +215,7 @@ def generate_all(cfg, ctx) -> dict:
     counts = cell_counts_table(cfg, paths, cell_types, test)
     evaluate_now = cfg.EVALUATE and test is not None
     test_types = test.obs["cell_type"].astype(str).to_numpy() if test is not None else None
-    baseline = nb_baseline(paths, genes, cell_types) if evaluate_now else None
+    baseline = nb_baseline(paths, genes, cell_types) if evaluate_now and ctx.is_main else None
 
     several = len(counts) > 1
     if cfg.SAMPLER not in ("inversion", "model"):

@@ -10,10 +10,11 @@ same order, into the same :class:`models.generate.DatasetWriter` a single proces
 copies the mtx lines behind the header. The HDF5 writes are the single process's writes, so
 ``cells.h5ad`` comes out byte-identical, and so do ``matrix.mtx`` and ``clusters.csv``.
 
-Why not ``anndata.experimental.concat_on_disk``: it writes a new file with its own layout (its
-own dataset chunking, obs/var written by anndata), so its bytes differ from the single-process
-writer's; making one process write through it too would cost that run a second full copy of
-the matrix. The replay reads each part once and needs no second copy.
+Why not ``anndata.experimental.concat_on_disk``: it writes a new file with its own layout.
+Checked with anndata 0.12.19: two halves of an h5ad concatenated on disk hold the same matrix
+and obs as the whole, but not the same bytes (one input alone is merely copied), so a merged
+file would differ from one process's. Writing one process's output through it as well would
+cost that run a second full copy of the matrix. The replay reads each part once.
 
 The parts live in the output folder, so with several machines ``DATA_DIR`` must be a shared
 filesystem (every rank writes its part there; the merging rank reads them).
