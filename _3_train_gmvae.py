@@ -264,7 +264,8 @@ def train_model(cfg, ctx) -> None:
     optimizer = make_optimizer(model, cfg.LR)
     start_epoch, best_loss, best_epoch, stale = 0, float("inf"), 0, 0
     history: list[dict] = []
-    if cfg.RESUME and paths.gmvae_checkpoint.exists():
+    resumable = cfg.RESUME and distributed.broadcast_object(paths.gmvae_checkpoint.exists(), ctx)  # rank 0's disk
+    if resumable:
         # rank 0 reads and checks it; every rank gets the same weights, optimizer state and counters
         checkpoint = distributed.on_main(ctx, lambda: resume_state(cfg, paths, config, genes, cell_types))
         model.load_state_dict(checkpoint["state_dict"])
