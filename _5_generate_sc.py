@@ -57,6 +57,9 @@ FIG_DIR = "fig"  # generated_*.png go here
 SEED = 0  # one seed for every draw: the same seed gives byte-identical output files
 N_CELLS = None  # cells per bulk sample; None = as many as DATA_DIR/test holds (the original's choice)
 CELL_COUNTS = ""  # CSV with cell_type,n_cells: generate exactly these, skipping the proportions
+COUNTS_FROM = "point"  # "point": N_CELLS x the proportions; "draw": REPLICATES sets per sample, each drawing its
+#                       composition from _4_'s 90 % intervals (Dirichlet, then multinomial), to show how the cells vary
+REPLICATES = 3  # COUNTS_FROM=draw: sets per sample, written side by side as generated/<sample>_rep<r>/
 NOISE_SCALE = 1.0  # scales the prior sd of z (the original's `factor`); < 1 gives more typical cells
 PRIOR = "posterior"  # z per type from: "posterior" = full-covariance Gaussian fitted to the training cells'
 #                     encodings (keeps latent correlations); "learned" = the GMVAE's diagonal p(z|k) (original)
@@ -116,7 +119,13 @@ def cell_counts_table(cfg, paths: Paths, cell_types: list[str], test) -> pd.Data
         n_cells = int(n_cells)  # --N_CELLS=1e6
     if not isinstance(n_cells, (int, np.integer)) or isinstance(n_cells, bool):
         raise InputError(f"N_CELLS must be a whole number of cells, got {n_cells!r}")
-    return generate.cell_counts_from_proportions(proportions, int(n_cells))
+    if cfg.COUNTS_FROM == "point":
+        return generate.cell_counts_from_proportions(proportions, int(n_cells))
+    if cfg.COUNTS_FROM != "draw":
+        raise InputError(f"COUNTS_FROM must be 'point' or 'draw', got {cfg.COUNTS_FROM!r}")
+    lower = generate.read_interval(paths.proportions_lower, proportions)
+    upper = generate.read_interval(paths.proportions_upper, proportions)
+    return generate.replicate_cell_counts(proportions, lower, upper, int(n_cells), cfg.REPLICATES, cfg.SEED)
 
 
 def nb_baseline(paths: Paths, genes: list[str], cell_types: list[str]):
