@@ -1,7 +1,10 @@
 """Stage 5: synthetic single cells from bulk, scored against the held-out real test cells.
 
 How many cells of each type: ``N_CELLS`` x each bulk sample's proportions (largest-remainder
-rounding, so they sum exactly to ``N_CELLS``), or an explicit ``CELL_COUNTS`` table. Each cell
+rounding, so they sum exactly to ``N_CELLS``), or an explicit ``CELL_COUNTS`` table. With
+``COUNTS_FROM=draw``, each of ``REPLICATES`` sets per sample draws its composition from _4_'s 90 %
+intervals (Dirichlet, then a multinomial of ``N_CELLS``), written side by side as
+``generated/<sample>_rep<r>/``. Each cell
 draws z ~ p(z | type) (sd scaled by ``NOISE_SCALE``) and counts from the GMVAE decoder's
 (ZI)NB, in seeded RNG blocks, so the same ``SEED`` gives identical files for any
 ``CHUNK_CELLS``. Chunks are written as they are drawn: a million cells run in bounded memory.
@@ -9,6 +12,7 @@ draws z ~ p(z | type) (sd scaled by ``NOISE_SCALE``) and counts from the GMVAE d
 Reads:
     DATA_DIR/checkpoints/gmvae.pt              trained GMVAE, genes and cell types (_3_)
     DATA_DIR/deconvolution/proportions.csv     samples x cell types, first column = sample (_4_)
+    DATA_DIR/deconvolution/proportions_lower.csv, _upper.csv   COUNTS_FROM=draw: the 90 % intervals (_4_)
     CELL_COUNTS                                optional cell_type,n_cells CSV (skips proportions)
     DATA_DIR/test/, DATA_DIR/train/            held-out cells to score against; training cells
                                                for the NB baseline (_1_), when present

@@ -48,7 +48,9 @@ from models.deconvolution.units import (  # noqa: F401
     decide_protocol, model_scale, orient_bulk, prepare_bulk, read_table, reference_profile, scale_samples,
     select_genes)
 from models.deconvolution.tape import (  # noqa: F401
-    ADAPTIVE_MAX_ITER, ADAPTIVE_STEP, TAPE_VERSION, TapeFit, TapeSettings, checkpoint_dict, checkpoint_profile,
+    ADAPTIVE_MAX_ITER, ADAPTIVE_STEP, TAPE_VERSION, TapeFit, TapeSettings, calibration_bulks, checkpoint_dict,
+    checkpoint_halfwidth, checkpoint_profile,
     checkpoint_protocol, fit_tape, import_tape, load_checkpoint, model_from_checkpoint, predict_proportions,
     predict_scaled, save_checkpoint, simulate_bulks, simulated_tpm, tape_sandbox)
 from models.deconvolution.signature import nnls_proportions  # noqa: F401
+from models.deconvolution.intervals import LEVEL, conformal_halfwidth, coverage, intervals  # noqa: F401

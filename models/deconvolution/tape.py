@@ -117,6 +117,7 @@ class TapeFit:
     train_seconds: float = 0.0
     simulate_seconds: float = 0.0
     profile: pd.Series | None = None  # reference_profile(), for telling a new bulk's protocol
+    halfwidth: pd.Series | None = None  # per-type half-width of the 90 % intervals (intervals.conformal_halfwidth)
     extra: dict = field(default_factory=dict)
 
 
@@ -145,6 +146,23 @@ def simulated_tpm(simulated, gene_lengths: pd.Series | None, protocol: str = "fu
     log.info("simulated training bulks -> %s", "CPM (UMI counts: no length correction)" if overlap is None
              else f"TPM: {overlap}")
     return tpm
+
+
+def calibration_bulks(reference: pd.DataFrame, settings: TapeSettings, n_samples: int,
+                      gene_lengths: pd.Series | None, workdir: str | Path,
+                      n_threads: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Bulks with known truth for the intervals: TAPE's simulation with another seed.
+
+    Returns (TPM as :func:`prepare_bulk` gives it for the reference's protocol, samples x genes;
+    true proportions, samples x sorted type names), ``n_samples`` rows each.
+    """
+    calib = TapeSettings(**{**asdict(settings), "samplenum": n_samples, "seed": settings.seed + 1})
+    simulated = simulate_bulks(reference, calib, workdir, n_threads)
+    counts = pd.DataFrame(np.asarray(simulated.X), columns=simulated.var_names.astype(str))
+    tpm, _ = counts_to_expression(counts, gene_lengths, settings.reference_protocol)
+    truth = pd.DataFrame(simulated.obs.to_numpy(np.float64), index=tpm.index,
+                         columns=[str(c) for c in simulated.obs.columns])
+    return tpm, truth
 
 
 def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series,
@@ -208,6 +226,9 @@ def checkpoint_dict(fit: TapeFit) -> dict:
         # The reference's mean TPM over `genes`: lets a reloaded model tell a new bulk's protocol.
         **({} if fit.profile is None else
            {"profile": torch.as_tensor(fit.profile.reindex(fit.genes).to_numpy(np.float64))}),
+        # Per-type half-width of the 90 % intervals, in cell_types order (absent before they existed).
+        **({} if fit.halfwidth is None else
+           {"halfwidth": torch.as_tensor(fit.halfwidth.reindex(fit.cell_types).to_numpy(np.float64))}),
     }
 
 
@@ -245,6 +266,13 @@ def checkpoint_profile(ckpt: dict) -> pd.Series | None:
     if "profile" not in ckpt:
         return None
     return pd.Series(np.asarray(ckpt["profile"], dtype=np.float64), index=list(ckpt["genes"]))
+
+
+def checkpoint_halfwidth(ckpt: dict) -> pd.Series | None:
+    """The intervals' per-type half-width saved in a checkpoint (None in checkpoints from before them)."""
+    if "halfwidth" not in ckpt:
+        return None
+    return pd.Series(np.asarray(ckpt["halfwidth"], dtype=np.float64), index=list(ckpt["cell_types"]))
 
 
 def checkpoint_protocol(ckpt: dict) -> str:
