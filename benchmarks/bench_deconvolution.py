@@ -85,6 +85,7 @@ METHODS = "today,tape,tape/content,nnls,tape+nnls"  # real: today = stage 4 befo
 #   with stage 4's intervals; tape/content = TAPE read as RNA fractions, divided by each type's mean library size;
 #   nnls = NNLS on cell-scaled mean profiles; tape+nnls = the mean of TAPE and that NNLS
 CALIBRATION_SAMPLES = stage4.CALIBRATION_SAMPLES
+FIG_DIR = str(REPO / "fig" / "readme")  # real: stage 4's scatter (with intervals) per reference x cohort; "" = none
 # -----------------------------------------------------------------------------
 
 # Reference labels and flow categories -> five categories every cohort and reference shares (DAISM's
@@ -368,6 +369,10 @@ def part_real(cfg, results: dict, cache: dict) -> None:
                 print(f"| {name} | {cohort} | {method} | {o['mae']:.4f} | {o['pearson_r']:.3f} | "
                       f"{', '.join(f'{r:.2f}' for r in per)} | {cov:.2f} |", flush=True)
                 results[f"real/{name}/{cohort}/{method}"] = {"mae": o["mae"], "r": o["pearson_r"], "coverage": cov}
+                if cfg.FIG_DIR and method == "tape":
+                    figure = Path(cfg.FIG_DIR) / f"proportions_scatter_{name}_{cohort.split()[0].lower()}.png"
+                    figure.parent.mkdir(parents=True, exist_ok=True)
+                    stage4.scatter_figure(shown, t.loc[shown.index, shown.columns], o["mae"], figure, shown_bounds)
 
 
 def stage4_paths():
