@@ -85,6 +85,9 @@ METHODS = "today,tape,tape/content,nnls,tape+nnls"  # real: today = stage 4 befo
 #   with stage 4's intervals; tape/content = TAPE read as RNA fractions, divided by each type's mean library size;
 #   nnls = NNLS on cell-scaled mean profiles; tape+nnls = the mean of TAPE and that NNLS
 CALIBRATION_SAMPLES = stage4.CALIBRATION_SAMPLES
+AUGMENT = True  # real: also a fit with platform augmentation (stage 4's PLATFORM_SD, LENGTH_SLOPE_SD below)
+AUGMENT_SD = 0.5  # per-(sample, gene) log-normal sd: of the order of the gene-wise log ratios between platforms
+AUGMENT_SLOPE_SD = 0.2  # per-sample gene-length slope sd: Finotello vs Zheng shows ~0.35 before the TPM fix
 FIG_DIR = str(REPO / "fig" / "readme")  # real: stage 4's scatter (with intervals) per reference x cohort; "" = none
 # -----------------------------------------------------------------------------
 
@@ -332,47 +335,59 @@ def part_real(cfg, results: dict, cache: dict) -> None:
             cohorts["Zheng pseudo-bulks"] = (counts_to_cpm(pd.DataFrame(sums, index=ptruth.index, columns=genes)), ptruth)
         # One fit serves every cohort: TAPE's variance filter over the real bulks' shared genes.
         real = pd.concat([cohorts["Finotello"][0], cohorts["DAISM"][0]], join="inner")
-        settings = settings_from(cfg, adaptive=False)
-        times = {}
-        with timed("fit", times):
-            fit = tape.fit_tape(reference, real.div(real.sum(axis=1), axis=0) * 1e6, lengths, settings,
-                                "/tmp/bench_tape", THREADS)
-        with timed("calibrate", times):
-            fit.halfwidth = stage4.calibrate_intervals(fit, reference, lengths, cfg, stage4_paths(), THREADS)
-        ckpt = tape.checkpoint_dict(fit)
-        print(f"| {name}: {reference.shape[0]} cells, {len(fit.genes)} genes; fit {times['fit']:.0f} s, "
-              f"intervals {times['calibrate']:.0f} s | | | | | | |")
-        for cohort, (bulk, truth) in cohorts.items():
-            pred = tape.predict_proportions(ckpt, bulk, lengths, adaptive=False, model=fit.model, n_threads=THREADS)
-            bounds = tape.intervals(pred, fit.halfwidth)
-            nnls = nnls_mass_corrected(reference, bulk, lengths, cfg.REFERENCE_PROTOCOL)[pred.columns]
-            # TAPE's output read as RNA fractions -> cells: divided by each type's mean library size
-            content = reference.sum(axis=1).groupby(level=0).mean().reindex(pred.columns)
-            per_cell = pred / content
-            scale = per_cell.sum(axis=1)
-            candidates = {"today": (pred, None), "tape": (pred, bounds),
-                          "tape/content": (per_cell.div(scale, axis=0), tuple((b / content).div(scale, axis=0)
-                                                                             for b in bounds)),
-                          "nnls": (nnls, None),
-                          "tape+nnls": ((pred + nnls) / 2, tuple((b + nnls) / 2 for b in bounds))}
-            for method in methods:
-                point, bnds = candidates[method]
-                if cohort == "Zheng pseudo-bulks":
-                    shown, shown_bounds, t = point, bnds, truth[point.columns]
-                else:
-                    (shown, shown_bounds), t = mapped_with_bounds(point, bnds), truth
-                table = proportion_metrics(shown, t.loc[shown.index])
-                o = table.loc["overall"]
-                per = [pearson_r(shown[c].to_numpy(), t.loc[shown.index, c].to_numpy()) for c in CATEGORIES] \
-                    if cohort != "Zheng pseudo-bulks" else []
-                cov = tape.coverage(*shown_bounds, t) if shown_bounds is not None else float("nan")
-                print(f"| {name} | {cohort} | {method} | {o['mae']:.4f} | {o['pearson_r']:.3f} | "
-                      f"{', '.join(f'{r:.2f}' for r in per)} | {cov:.2f} |", flush=True)
-                results[f"real/{name}/{cohort}/{method}"] = {"mae": o["mae"], "r": o["pearson_r"], "coverage": cov}
-                if cfg.FIG_DIR and method == "tape":
-                    figure = Path(cfg.FIG_DIR) / f"proportions_scatter_{name}_{cohort.split()[0].lower()}.png"
-                    figure.parent.mkdir(parents=True, exist_ok=True)
-                    stage4.scatter_figure(shown, t.loc[shown.index, shown.columns], o["mae"], figure, shown_bounds)
+        fits = [("", settings_from(cfg, adaptive=False))]
+        if cfg.AUGMENT:
+            fits.append(("aug ", settings_from(cfg, adaptive=False, platform_sd=cfg.AUGMENT_SD,
+                                               length_slope_sd=cfg.AUGMENT_SLOPE_SD)))
+        for prefix, settings in fits:
+            real_part_rows(cfg, results, name, prefix, settings, reference, lengths, real, cohorts, methods)
+
+
+def real_part_rows(cfg, results, name, prefix, settings, reference, lengths, real, cohorts, methods) -> None:
+    """One TAPE fit (with its intervals) on ``reference``, scored on every cohort by every method."""
+    times = {}
+    with timed("fit", times):
+        fit = tape.fit_tape(reference, real.div(real.sum(axis=1), axis=0) * 1e6, lengths, settings,
+                            "/tmp/bench_tape", THREADS)
+    with timed("calibrate", times):
+        fit.halfwidth = stage4.calibrate_intervals(fit, reference, lengths, cfg, stage4_paths(), THREADS)
+    ckpt = tape.checkpoint_dict(fit)
+    print(f"| {name}: {reference.shape[0]} cells, {len(fit.genes)} genes; {prefix}fit {times['fit']:.0f} s, "
+          f"intervals {times['calibrate']:.0f} s | | | | | | |")
+    for cohort, (bulk, truth) in cohorts.items():
+        pred = tape.predict_proportions(ckpt, bulk, lengths, adaptive=False, model=fit.model, n_threads=THREADS)
+        bounds = tape.intervals(pred, fit.halfwidth)
+        nnls = nnls_mass_corrected(reference, bulk, lengths, cfg.REFERENCE_PROTOCOL)[pred.columns]
+        # TAPE's output read as RNA fractions -> cells: divided by each type's mean library size
+        content = reference.sum(axis=1).groupby(level=0).mean().reindex(pred.columns)
+        per_cell = pred / content
+        scale = per_cell.sum(axis=1)
+        candidates = {"today": (pred, None), "tape": (pred, bounds),
+                      "tape/content": (per_cell.div(scale, axis=0), tuple((b / content).div(scale, axis=0)
+                                                                         for b in bounds)),
+                      "nnls": (nnls, None),
+                      "tape+nnls": ((pred + nnls) / 2, tuple((b + nnls) / 2 for b in bounds))}
+        for method in methods:
+            if prefix and method in ("today", "nnls"):
+                continue  # neither depends on the augmentation
+            point, bnds = candidates[method]
+            method = prefix + method
+            if cohort == "Zheng pseudo-bulks":
+                shown, shown_bounds, t = point, bnds, truth[point.columns]
+            else:
+                (shown, shown_bounds), t = mapped_with_bounds(point, bnds), truth
+            table = proportion_metrics(shown, t.loc[shown.index])
+            o = table.loc["overall"]
+            per = [pearson_r(shown[c].to_numpy(), t.loc[shown.index, c].to_numpy()) for c in CATEGORIES] \
+                if cohort != "Zheng pseudo-bulks" else []
+            cov = tape.coverage(*shown_bounds, t) if shown_bounds is not None else float("nan")
+            print(f"| {name} | {cohort} | {method} | {o['mae']:.4f} | {o['pearson_r']:.3f} | "
+                  f"{', '.join(f'{r:.2f}' for r in per)} | {cov:.2f} |", flush=True)
+            results[f"real/{name}/{cohort}/{method}"] = {"mae": o["mae"], "r": o["pearson_r"], "coverage": cov}
+            if cfg.FIG_DIR and method == "tape" and not prefix:
+                figure = Path(cfg.FIG_DIR) / f"proportions_scatter_{name}_{cohort.split()[0].lower()}.png"
+                figure.parent.mkdir(parents=True, exist_ok=True)
+                stage4.scatter_figure(shown, t.loc[shown.index, shown.columns], o["mae"], figure, shown_bounds)
 
 
 def stage4_paths():

@@ -104,6 +104,8 @@ class TapeSettings:
     sparse: bool = True  # half the simulated samples get half the types set to zero
     seed: int = 0
     reference_protocol: str = "umi"  # "umi": simulated counts -> CPM; "full_length": -> TPM (TAPE's)
+    platform_sd: float = 0.0  # augmentation: sd of per-(sample, gene) log-normal multipliers on the training bulks
+    length_slope_sd: float = 0.0  # augmentation: sd of a per-sample slope of log expression on log gene length
 
 
 @dataclass
@@ -165,6 +167,25 @@ def calibration_bulks(reference: pd.DataFrame, settings: TapeSettings, n_samples
     return tpm, truth
 
 
+def augment_platform(train_tpm: pd.DataFrame, gene_lengths: pd.Series | None, platform_sd: float,
+                     length_slope_sd: float, seed: int) -> pd.DataFrame:
+    """Simulated bulks as if from other platforms: x * exp(sd * N(0, 1) + b * centred log length).
+
+    Each (sample, gene) gets an independent log-normal multiplier and each sample a gene-length
+    slope b ~ N(0, length_slope_sd), so the network cannot lean on exact per-gene levels that
+    differ between a UMI reference and full-length bulks (DAISM-like augmentation). Rows are
+    renormalised to 1e6. Genes without a length get the median length.
+    """
+    rng = np.random.default_rng([seed, 2])
+    log_factor = rng.normal(0.0, platform_sd, train_tpm.shape) if platform_sd > 0 else np.zeros(train_tpm.shape)
+    if length_slope_sd > 0 and gene_lengths is not None:
+        log_length = np.log(gene_lengths.reindex(train_tpm.columns).fillna(gene_lengths.median()).to_numpy(float))
+        log_factor += rng.normal(0.0, length_slope_sd, (len(train_tpm), 1)) * (log_length - log_length.mean())[None, :]
+    values = train_tpm.to_numpy(np.float64) * np.exp(log_factor)
+    values *= 1e6 / values.sum(axis=1, keepdims=True)
+    return pd.DataFrame(values, index=train_tpm.index, columns=train_tpm.columns)
+
+
 def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series,
              settings: TapeSettings, workdir: str | Path, n_threads: int | None = None,
              simulated=None) -> TapeFit:
@@ -182,7 +203,13 @@ def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
     simulate_seconds = time.perf_counter() - start
     if settings.reference_protocol not in PROTOCOLS:
         raise InputError(f"the reference protocol must be one of {PROTOCOLS}, got {settings.reference_protocol!r}")
-    train_tpm = model_scale(simulated_tpm(simulated, gene_lengths, settings.reference_protocol), gene_lengths)
+    train_tpm = simulated_tpm(simulated, gene_lengths, settings.reference_protocol)
+    if settings.platform_sd > 0 or settings.length_slope_sd > 0:
+        train_tpm = augment_platform(train_tpm, gene_lengths, settings.platform_sd, settings.length_slope_sd,
+                                     settings.seed)
+        log.info("augmented the training bulks: per-gene log-normal sd %.2f, gene-length slope sd %.2f",
+                 settings.platform_sd, settings.length_slope_sd)
+    train_tpm = model_scale(train_tpm, gene_lengths)
     genes = select_genes(train_tpm, model_scale(bulk_tpm, gene_lengths), settings.variance_threshold)
     if not genes:
         raise InputError("no gene survives TAPE's variance filter and the intersection with the bulk")
