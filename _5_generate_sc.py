@@ -1,7 +1,10 @@
 """Stage 5: synthetic single cells from bulk, scored against the held-out real test cells.
 
 How many cells of each type: ``N_CELLS`` x each bulk sample's proportions (largest-remainder
-rounding, so they sum exactly to ``N_CELLS``), or an explicit ``CELL_COUNTS`` table. Each cell
+rounding, so they sum exactly to ``N_CELLS``), or an explicit ``CELL_COUNTS`` table. With
+``COUNTS_FROM=draw``, each of ``REPLICATES`` sets per sample draws its composition from _4_'s 90 %
+intervals (Dirichlet, then a multinomial of ``N_CELLS``), written side by side as
+``generated/<sample>_rep<r>/``. Each cell
 draws z ~ p(z | type) (sd scaled by ``NOISE_SCALE``) and counts from the GMVAE decoder's
 (ZI)NB, in seeded RNG blocks, so the same ``SEED`` gives identical files for any
 ``CHUNK_CELLS``. Chunks are written as they are drawn: a million cells run in bounded memory.
@@ -9,6 +12,7 @@ draws z ~ p(z | type) (sd scaled by ``NOISE_SCALE``) and counts from the GMVAE d
 Reads:
     DATA_DIR/checkpoints/gmvae.pt              trained GMVAE, genes and cell types (_3_)
     DATA_DIR/deconvolution/proportions.csv     samples x cell types, first column = sample (_4_)
+    DATA_DIR/deconvolution/proportions_lower.csv, _upper.csv   COUNTS_FROM=draw: the 90 % intervals (_4_)
     CELL_COUNTS                                optional cell_type,n_cells CSV (skips proportions)
     DATA_DIR/test/, DATA_DIR/train/            held-out cells to score against; training cells
                                                for the NB baseline (_1_), when present
@@ -59,6 +63,9 @@ FIG_DIR = "fig"  # generated_*.png go here
 SEED = 0  # one seed for every draw: the same seed gives byte-identical output files
 N_CELLS = None  # cells per bulk sample; None = as many as DATA_DIR/test holds (the original's choice)
 CELL_COUNTS = ""  # CSV with cell_type,n_cells: generate exactly these, skipping the proportions
+COUNTS_FROM = "point"  # "point": N_CELLS x the proportions; "draw": REPLICATES sets per sample, each drawing its
+#                       composition from _4_'s 90 % intervals (Dirichlet, then multinomial), to show how the cells vary
+REPLICATES = 3  # COUNTS_FROM=draw: sets per sample, written side by side as generated/<sample>_rep<r>/
 NOISE_SCALE = 1.0  # scales the prior sd of z (the original's `factor`); < 1 gives more typical cells
 PRIOR = "posterior"  # z per type from: "posterior" = full-covariance Gaussian fitted to the training cells'
 #                     encodings (keeps latent correlations); "learned" = the GMVAE's diagonal p(z|k) (original)
@@ -118,7 +125,13 @@ def cell_counts_table(cfg, paths: Paths, cell_types: list[str], test) -> pd.Data
         n_cells = int(n_cells)  # --N_CELLS=1e6
     if not isinstance(n_cells, (int, np.integer)) or isinstance(n_cells, bool):
         raise InputError(f"N_CELLS must be a whole number of cells, got {n_cells!r}")
-    return generate.cell_counts_from_proportions(proportions, int(n_cells))
+    if cfg.COUNTS_FROM == "point":
+        return generate.cell_counts_from_proportions(proportions, int(n_cells))
+    if cfg.COUNTS_FROM != "draw":
+        raise InputError(f"COUNTS_FROM must be 'point' or 'draw', got {cfg.COUNTS_FROM!r}")
+    lower = generate.read_interval(paths.proportions_lower, proportions)
+    upper = generate.read_interval(paths.proportions_upper, proportions)
+    return generate.replicate_cell_counts(proportions, lower, upper, int(n_cells), cfg.REPLICATES, cfg.SEED)
 
 
 def nb_baseline(paths: Paths, genes: list[str], cell_types: list[str]):

@@ -11,12 +11,19 @@ Parts (``--PART=``, default ``all`` = zheng,finotello,lung):
     finotello  the five real PBMC bulks with flow-cytometry fractions (bulk_finotello_pbmc),
                deconvolved with the same Zheng reference; types mapped onto the flow categories
                (MAPPING below), both renormalised over the shared categories; TAPE vs NNLS.
+    real       both real cohorts (Finotello: 5 bulks, read counts, flow cytometry; DAISM: 20 bulks,
+               TPM) x both shared references (pbmc_zheng7: its 75 % training split; pbmc3k_labelled:
+               all cells), mapped onto five categories (CATEGORIES below); for each, today's method
+               (stage 4 as before the intervals: one TAPE fit, point estimates) next to the methods
+               under test (METHODS), with MAE, pooled r, per-category r and the coverage of the 90 %
+               intervals; plus the Zheng pseudo-bulks (MAE, coverage) from the same fits.
     lung       timing at lung scale: synthetic 7,600 cells x 16,000 genes, 17 types, stage 4's
                default settings: simulation, training and prediction seconds, peak RSS.
 
 Run (heavy: take the shared lock so timings do not overlap other helpers' runs):
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=lung
+    flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real
 Prints figures only; asserts nothing about time.
 """
 from __future__ import annotations
@@ -43,7 +50,7 @@ sys.path.insert(0, str(REPO))
 import _4_deconvolve_bulk as stage4  # noqa: E402
 from models import deconvolution as tape  # noqa: E402
 from models import io  # noqa: E402
-from models.bulk import counts_to_expression, sample_pseudobulks  # noqa: E402
+from models.bulk import counts_to_cpm, counts_to_expression, sample_pseudobulks  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.metrics import lin_ccc, pearson_r, proportion_metrics  # noqa: E402
 from models.split import stratified_split  # noqa: E402
@@ -52,7 +59,7 @@ from models.utils import bound_heap_fragmentation, peak_rss_mb, set_seed, set_to
 log = logging.getLogger("bench.deconvolution")
 
 # -----------------------------------------------------------------------------
-PART = "all"  # all (= zheng,finotello,lung) or a comma-separated subset
+PART = "all"  # all (= zheng,finotello,lung) or a comma-separated subset of zheng,finotello,real,lung
 SHARED = str(REPO.parent / "shared" / "data")  # real data beside the checkout
 SEED = 0  # TAPE seed and split seed offset
 SPLIT_SEED = 123  # models.split default, as _1_
@@ -73,7 +80,35 @@ LUNG_EPOCHS = 0  # lung timing: 0 = EPOCHS; fewer gives the per-epoch cost quick
 LUNG_CELLS = 7600  # lung scale (GSE130148 after QC: ~7,600 train cells, 17 clusters, ~16,000 genes)
 LUNG_GENES = 16000
 LUNG_TYPES = 17
+REAL_REFERENCES = "pbmc_zheng7,pbmc3k_labelled"  # real: the shared references to train on
+METHODS = "today,tape,tape/content,nnls,tape+nnls"  # real: today = stage 4 before this issue; tape = the same fit
+#   with stage 4's intervals; tape/content = TAPE read as RNA fractions, divided by each type's mean library size;
+#   nnls = NNLS on cell-scaled mean profiles; tape+nnls = the mean of TAPE and that NNLS
+CALIBRATION_SAMPLES = stage4.CALIBRATION_SAMPLES
+AUGMENT = True  # real: also a fit with platform augmentation (stage 4's PLATFORM_SD, LENGTH_SLOPE_SD below)
+AUGMENT_SD = 0.5  # per-(sample, gene) log-normal sd: of the order of the gene-wise log ratios between platforms
+AUGMENT_SLOPE_SD = 0.2  # per-sample gene-length slope sd: Finotello vs Zheng shows ~0.35 before the TPM fix
+FIG_DIR = str(REPO / "fig" / "readme")  # real: stage 4's scatter (with intervals) per reference x cohort; "" = none
 # -----------------------------------------------------------------------------
+
+# Reference labels and flow categories -> five categories every cohort and reference shares (DAISM's
+# names). Finotello's Neutrophils and Other, and pbmc3k's Megakaryocytes, have no counterpart and are
+# left out; truth and predictions are renormalised over the five. Zheng has no dendritic cells, so its
+# monocytic.lineage is its monocytes alone, while Finotello's includes the mDC.
+CATEGORIES = ["B.cells", "CD4.T.cells", "CD8.T.cells", "NK.cells", "monocytic.lineage"]
+TO_CATEGORY = {
+    # pbmc_zheng7
+    "B": "B.cells", "CD4TCM": "CD4.T.cells", "CD4TN": "CD4.T.cells", "CD4Treg": "CD4.T.cells",
+    "CD8TN": "CD8.T.cells", "NK": "NK.cells", "Monocyte": "monocytic.lineage",
+    # pbmc3k_labelled (B and NK as above)
+    "CD4 T": "CD4.T.cells", "CD8 T": "CD8.T.cells", "CD14 Mono": "monocytic.lineage",
+    "FCGR3A Mono": "monocytic.lineage", "DC": "monocytic.lineage",
+    # Finotello flow cytometry
+    "B cells": "B.cells", "T cells CD4 conv": "CD4.T.cells", "Tregs": "CD4.T.cells", "T cells CD8": "CD8.T.cells",
+    "NK cells": "NK.cells", "Monocytes": "monocytic.lineage", "mDC": "monocytic.lineage",
+    # DAISM (already the five)
+    **{c: c for c in CATEGORIES},
+}
 
 # Zheng sorted populations -> Finotello flow-cytometry categories (mDC, Neutrophils and Other
 # have no counterpart in the reference and are left out; truth is renormalised over the rest).
@@ -107,8 +142,9 @@ def scores(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
 
 
 # ----------------------------------------------------------------------------- data
-def load_zheng(shared: Path):
-    folder = shared / "pbmc_zheng7"
+def load_zheng(shared: Path, name: str = "pbmc_zheng7"):
+    """A shared reference in the 10x layout (pbmc_zheng7, pbmc3k_labelled) -> (cells x genes CSR, genes, labels)."""
+    folder = shared / name
     counts = sp.csr_matrix(scipy.io.mmread(str(folder / "matrix.mtx.gz"))).T.tocsr()  # cells x genes
     genes = io.read_lines(folder / "genes.tsv")
     barcodes = io.read_lines(folder / "barcodes.tsv")
@@ -241,6 +277,125 @@ def part_finotello(cfg, results: dict, cache: dict) -> None:
     print(truth.round(3).to_string())
 
 
+def to_categories(frame: pd.DataFrame, renormalise: pd.Series | None = None) -> pd.DataFrame:
+    """Columns summed into CATEGORIES (unmapped ones dropped), rows divided by ``renormalise``
+    (default: their own sums, so proportions sum to 1 over the five)."""
+    keep = [c for c in frame.columns if c in TO_CATEGORY]
+    summed = frame[keep].T.groupby(pd.Series([TO_CATEGORY[c] for c in keep], index=keep)).sum().T
+    summed = summed.reindex(columns=CATEGORIES, fill_value=0.0)
+    return summed.div(summed.sum(axis=1) if renormalise is None else renormalise, axis=0)
+
+
+def real_cohorts(shared: Path, reference_genes, lengths, profile) -> dict:
+    """name -> (bulk TPM, truth over CATEGORIES) for the two real cohorts."""
+    fin = shared / "bulk_finotello_pbmc"
+    fin_tpm, _ = tape.prepare_bulk(pd.read_csv(fin / "bulk_counts.tsv.gz", sep="\t", index_col=0), "counts",
+                                   reference_genes, lengths, 1000, "finotello", protocol="auto", profile=profile)
+    daism = shared / "bulk_daism_pbmc"
+    dai_tpm, _ = tape.prepare_bulk(pd.read_csv(daism / "bulk_tpm.tsv.gz", sep="\t", index_col=0), "TPM",
+                                   reference_genes, lengths, 1000, "daism")
+    return {"Finotello": (fin_tpm, to_categories(pd.read_csv(fin / "facs_fractions.csv", index_col=0))),
+            "DAISM": (dai_tpm, to_categories(pd.read_csv(daism / "fractions.csv", index_col=0)))}
+
+
+def mapped_with_bounds(pred: pd.DataFrame, bounds) -> tuple:
+    """Point and interval over CATEGORIES: bounds are summed per category (a conservative interval of
+    the sum) and divided by the point's own renormalisation."""
+    keep = [c for c in pred.columns if c in TO_CATEGORY]
+    norm = pred[keep].sum(axis=1)
+    point = to_categories(pred, norm)
+    if bounds is None:
+        return point, None
+    return point, tuple(to_categories(b, norm).clip(0, 1) for b in bounds)
+
+
+def part_real(cfg, results: dict, cache: dict) -> None:
+    shared = Path(cfg.SHARED)
+    lengths = io.read_gene_lengths(shared / "gene_length_hg19.csv.gz")
+    methods = cfg.METHODS.split(",")
+    print(f"\n## (r) real bulks x shared references; methods {methods}; categories {CATEGORIES}")
+    print("mapping: " + "; ".join(f"{k} -> {v}" for k, v in TO_CATEGORY.items() if k != v) +
+          ". Left out (no counterpart): Finotello Neutrophils, Other; pbmc3k Megakaryocytes. Truth and "
+          "predictions renormalised over the five; intervals = per-category sums of the types' bounds.")
+    print("| reference | cohort | method | MAE | pooled r | per-category r (" + ", ".join(c.split(".")[0] for c in CATEGORIES)
+          + ") | 90 % coverage |")
+    print("|---|---|---|---|---|---|---|")
+    for name in cfg.REAL_REFERENCES.split(","):
+        counts, genes, labels = load_zheng(shared, name)
+        if name == "pbmc_zheng7":
+            train, test = stratified_split(labels, 0.25, seed=cfg.SPLIT_SEED)
+        else:
+            train, test = np.arange(len(labels)), None
+        reference = pd.DataFrame(counts[train].toarray().astype(np.float32), index=labels[train], columns=genes)
+        profile = tape.reference_profile(reference, cfg.REFERENCE_PROTOCOL, lengths)
+        cohorts = real_cohorts(shared, genes, lengths, profile)
+        if test is not None:
+            codes, names = io.encode_labels(labels)
+            sums, ptruth, _ = sample_pseudobulks(counts[test], codes[test], names, cfg.N_PSEUDOBULKS, cfg.SEED)
+            cohorts["Zheng pseudo-bulks"] = (counts_to_cpm(pd.DataFrame(sums, index=ptruth.index, columns=genes)), ptruth)
+        # One fit serves every cohort: TAPE's variance filter over the real bulks' shared genes.
+        real = pd.concat([cohorts["Finotello"][0], cohorts["DAISM"][0]], join="inner")
+        fits = [("", settings_from(cfg, adaptive=False))]
+        if cfg.AUGMENT:
+            fits.append(("aug ", settings_from(cfg, adaptive=False, platform_sd=cfg.AUGMENT_SD,
+                                               length_slope_sd=cfg.AUGMENT_SLOPE_SD)))
+        for prefix, settings in fits:
+            real_part_rows(cfg, results, name, prefix, settings, reference, lengths, real, cohorts, methods)
+
+
+def real_part_rows(cfg, results, name, prefix, settings, reference, lengths, real, cohorts, methods) -> None:
+    """One TAPE fit (with its intervals) on ``reference``, scored on every cohort by every method."""
+    times = {}
+    with timed("fit", times):
+        fit = tape.fit_tape(reference, real.div(real.sum(axis=1), axis=0) * 1e6, lengths, settings,
+                            "/tmp/bench_tape", THREADS)
+    with timed("calibrate", times):
+        fit.halfwidth = stage4.calibrate_intervals(fit, reference, lengths, cfg, stage4_paths(), THREADS)
+    ckpt = tape.checkpoint_dict(fit)
+    print(f"| {name}: {reference.shape[0]} cells, {len(fit.genes)} genes; {prefix}fit {times['fit']:.0f} s, "
+          f"intervals {times['calibrate']:.0f} s | | | | | | |")
+    for cohort, (bulk, truth) in cohorts.items():
+        pred = tape.predict_proportions(ckpt, bulk, lengths, adaptive=False, model=fit.model, n_threads=THREADS)
+        bounds = tape.intervals(pred, fit.halfwidth)
+        nnls = nnls_mass_corrected(reference, bulk, lengths, cfg.REFERENCE_PROTOCOL)[pred.columns]
+        # TAPE's output read as RNA fractions -> cells: divided by each type's mean library size
+        content = reference.sum(axis=1).groupby(level=0).mean().reindex(pred.columns)
+        per_cell = pred / content
+        scale = per_cell.sum(axis=1)
+        candidates = {"today": (pred, None), "tape": (pred, bounds),
+                      "tape/content": (per_cell.div(scale, axis=0), tuple((b / content).div(scale, axis=0)
+                                                                         for b in bounds)),
+                      "nnls": (nnls, None),
+                      "tape+nnls": ((pred + nnls) / 2, tuple((b + nnls) / 2 for b in bounds))}
+        for method in methods:
+            if prefix and method in ("today", "nnls"):
+                continue  # neither depends on the augmentation
+            point, bnds = candidates[method]
+            method = prefix + method
+            if cohort == "Zheng pseudo-bulks":
+                shown, shown_bounds, t = point, bnds, truth[point.columns]
+            else:
+                (shown, shown_bounds), t = mapped_with_bounds(point, bnds), truth
+            table = proportion_metrics(shown, t.loc[shown.index])
+            o = table.loc["overall"]
+            per = [pearson_r(shown[c].to_numpy(), t.loc[shown.index, c].to_numpy()) for c in CATEGORIES] \
+                if cohort != "Zheng pseudo-bulks" else []
+            cov = tape.coverage(*shown_bounds, t) if shown_bounds is not None else float("nan")
+            print(f"| {name} | {cohort} | {method} | {o['mae']:.4f} | {o['pearson_r']:.3f} | "
+                  f"{', '.join(f'{r:.2f}' for r in per)} | {cov:.2f} |", flush=True)
+            results[f"real/{name}/{cohort}/{method}"] = {"mae": o["mae"], "r": o["pearson_r"], "coverage": cov}
+            if cfg.FIG_DIR and method == "tape" and not prefix:
+                figure = Path(cfg.FIG_DIR) / f"proportions_scatter_{name}_{cohort.split()[0].lower()}.png"
+                figure.parent.mkdir(parents=True, exist_ok=True)
+                stage4.scatter_figure(shown, t.loc[shown.index, shown.columns], o["mae"], figure, shown_bounds)
+
+
+def stage4_paths():
+    """Scratch paths for stage 4's helpers (only checkpoints_dir is used: TAPE's sandbox)."""
+    from models.paths import Paths
+    return Paths("/tmp/bench_tape/data", "/tmp/bench_tape/fig")
+
+
 def lung_like(cfg):
     """Synthetic NB counts at lung scale: 17 types of unequal size, ~90% zeros, long-tailed genes."""
     rng = np.random.default_rng(cfg.SEED)
@@ -279,6 +434,8 @@ def part_lung(cfg, results: dict, cache: dict) -> None:
         simulated = tape.simulate_bulks(reference, settings, "/tmp/bench_tape", THREADS)
     with timed("train", times):
         fit = tape.fit_tape(reference, bulk_tpm, lengths, settings, "/tmp/bench_tape", THREADS, simulated=simulated)
+    with timed("intervals", times):  # stage 4's calibration of the 90 % intervals
+        fit.halfwidth = stage4.calibrate_intervals(fit, reference, lengths, cfg, stage4_paths(), THREADS)
     ckpt = tape.checkpoint_dict(fit)
     with timed("predict", times):
         pred = tape.predict_proportions(ckpt, bulk_tpm, lengths, adaptive=cfg.ADAPTIVE, model=fit.model, n_threads=THREADS,
@@ -287,7 +444,8 @@ def part_lung(cfg, results: dict, cache: dict) -> None:
     print(f"\n## (c) lung scale, synthetic: reference {reference.shape[0]} cells x {reference.shape[1]} genes, "
           f"{cfg.LUNG_TYPES} types; {len(fit.genes)} genes used; settings {settings}")
     print(f"simulate {times['simulate']:.0f} s (cpu {times['simulate_cpu']:.0f}), train {times['train']:.0f} s "
-          f"(cpu {times['train_cpu']:.0f}), predict 5 bulks (adaptive={cfg.ADAPTIVE}) {times['predict']:.0f} s; "
+          f"(cpu {times['train_cpu']:.0f}), intervals ({cfg.CALIBRATION_SAMPLES} simulated bulks) "
+          f"{times['intervals']:.0f} s, predict 5 bulks (adaptive={cfg.ADAPTIVE}) {times['predict']:.0f} s; "
           f"peak RSS {peak_rss_mb():.0f} MB (before this part {rss_before:.0f} MB); "
           f"synthetic pseudo-bulk MAE {s['mae']:.4f} (easy synthetic types, not a lung accuracy figure)")
     results["lung"] = {**times, "peak_rss_mb": peak_rss_mb(), **s}
@@ -389,7 +547,7 @@ def main(argv=None) -> dict:
     print(f"# bench_deconvolution  command: {' '.join([sys.executable, *sys.argv])}")
     print(f"machine: {machine()}; defaults under test: SAMPLENUM={cfg.SAMPLENUM} N_CELLS={cfg.N_CELLS} "
           f"EPOCHS={cfg.EPOCHS} BATCH_SIZE={cfg.BATCH_SIZE} REFERENCE_PROTOCOL={cfg.REFERENCE_PROTOCOL}")
-    parts = {"zheng": part_zheng, "finotello": part_finotello, "lung": part_lung}
+    parts = {"zheng": part_zheng, "finotello": part_finotello, "real": part_real, "lung": part_lung}
     chosen = ["zheng", "finotello", "lung"] if cfg.PART == "all" else cfg.PART.split(",")
     results, cache = {}, {}
     for name in chosen:

@@ -146,6 +146,65 @@ def cell_counts_from_proportions(proportions: pd.DataFrame, n_cells: int) -> pd.
     return pd.DataFrame(np.vstack(rows), index=proportions.index, columns=proportions.columns)
 
 
+def read_interval(path: Path, proportions: pd.DataFrame) -> pd.DataFrame:
+    """One bound of ``_4_``'s 90 % intervals (``proportions_lower.csv`` / ``_upper.csv``) over ``proportions``' rows and types."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"missing {path}: COUNTS_FROM=draw needs the intervals of _4_deconvolve_bulk.py "
+                         "(rerun it), or use --COUNTS_FROM=point")
+    table = pd.read_csv(path, index_col=0)
+    table.index, table.columns = table.index.astype(str), table.columns.astype(str)
+    missing = sorted(set(proportions.index) - set(table.index)) + sorted(set(proportions.columns) - set(table.columns))
+    if missing:
+        raise InputError(f"{path} lacks {missing[:5]} of the proportions' samples/types; rerun _4_deconvolve_bulk.py")
+    return table.loc[proportions.index, proportions.columns].astype(float)
+
+
+def dirichlet_concentration(proportions: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                            level: float = 0.9) -> float:
+    """Concentration c of a Dirichlet(c * p) whose marginal sds match an interval's widths.
+
+    A Dirichlet(c p) has Var_k = p_k (1 - p_k) / (c + 1); each type's sd is read from its
+    ``level`` interval as width / (2 z). c is the median over the types with p_k >= 1 % (the
+    small ones have intervals clipped at 0), at least 1.
+    """
+    from scipy.stats import norm
+
+    z = norm.ppf(0.5 + level / 2)
+    sd = (np.asarray(upper, float) - np.asarray(lower, float)) / (2 * z)
+    p = np.asarray(proportions, float)
+    use = (p >= 0.01) & (sd > 0)
+    if not use.any():
+        return 1e6  # no width: the point estimate
+    return float(max(np.median(p[use] * (1 - p[use]) / sd[use] ** 2 - 1), 1.0))
+
+
+def replicate_cell_counts(proportions: pd.DataFrame, lower: pd.DataFrame, upper: pd.DataFrame, n_cells: int,
+                          replicates: int, seed: int, level: float = 0.9) -> pd.DataFrame:
+    """Cell counts drawn from the proportions' uncertainty: ``replicates`` rows per sample.
+
+    Each replicate draws a composition from a Dirichlet centred on the point estimate, with the
+    concentration the sample's ``level`` intervals imply (:func:`dirichlet_concentration`), then
+    its cell counts from a multinomial of ``n_cells``. Rows are named ``<sample>_rep<r>`` and sum
+    to ``n_cells``; one seeded generator per sample, so the same ``seed`` gives the same counts.
+    """
+    if n_cells <= 0:
+        raise InputError(f"N_CELLS must be a positive number of cells, got {n_cells}")
+    if replicates < 1:
+        raise InputError(f"REPLICATES must be at least 1, got {replicates}")
+    rows, names = [], []
+    for index, sample in enumerate(proportions.index):
+        p = proportions.loc[sample].to_numpy(float)
+        c = dirichlet_concentration(p, lower.loc[sample, proportions.columns].to_numpy(),
+                                    upper.loc[sample, proportions.columns].to_numpy(), level)
+        alpha = np.maximum(c * p, 1e-3)  # a Dirichlet needs alpha > 0; a type at 0 stays near 0
+        rng = np.random.default_rng([seed, index])
+        for r in range(replicates):
+            rows.append(rng.multinomial(n_cells, rng.dirichlet(alpha)))
+            names.append(f"{sample}_rep{r}")
+    return pd.DataFrame(np.vstack(rows), index=names, columns=proportions.columns)
+
+
 def type_codes_from_counts(counts: Sequence[int]) -> np.ndarray:
     """Per-cell partition codes (int64), type by type in code order: [0]*n_0 + [1]*n_1 + ..."""
     counts = np.asarray(counts, dtype=np.int64)

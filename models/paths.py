@@ -55,6 +55,8 @@ class Paths:
         # _4_deconvolve_bulk.py -> deconvolution/
         self.deconvolution_dir = self.data_dir / "deconvolution"
         self.proportions = self.deconvolution_dir / "proportions.csv"
+        self.proportions_lower = self.deconvolution_dir / "proportions_lower.csv"  # 90 % interval, per type
+        self.proportions_upper = self.deconvolution_dir / "proportions_upper.csv"
         self.deconvolution_metrics = self.deconvolution_dir / "metrics.csv"
         self.proportions_scatter = self.fig_dir / "proportions_scatter.png"
 

@@ -351,7 +351,13 @@ def test_stage4_end_to_end_then_predict_from_checkpoint(data_dir, tmp_path):
     assert list(metrics.index) == ["overall", *written.index]
     assert 0.0 <= metrics.loc["overall", "mae"] < 0.5
     assert paths.proportions_scatter.stat().st_size > 1000
-    assert torch.load(paths.tape_checkpoint, weights_only=True)["cell_types"] == ["alpha", "beta", "gamma"]
+    lower = pd.read_csv(paths.proportions_lower, index_col=0)
+    upper = pd.read_csv(paths.proportions_upper, index_col=0)
+    assert lower.shape == upper.shape == written.shape and list(lower.columns) == list(written.columns)
+    assert (lower.to_numpy() <= written.to_numpy() + 1e-9).all() and (written.to_numpy() <= upper.to_numpy() + 1e-9).all()
+    assert (upper.to_numpy() - lower.to_numpy()).max() > 0  # a tiny 2-epoch model is far from certain
+    ckpt = torch.load(paths.tape_checkpoint, weights_only=True)
+    assert ckpt["cell_types"] == ["alpha", "beta", "gamma"] and ckpt["halfwidth"].shape == (3,)
     assert not list(paths.checkpoints_dir.glob(".tape_*")) and not list(paths.checkpoints_dir.glob("*.pth"))
 
     # RETRAIN=false on a user's counts file, genes x samples, one sample, no truth.
@@ -361,6 +367,50 @@ def test_stage4_end_to_end_then_predict_from_checkpoint(data_dir, tmp_path):
     again = stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={fig}", "--RETRAIN=false", f"--BULK={user}",
                          "--BULK_UNIT=counts", *TINY_ARGS])
     np.testing.assert_allclose(again.to_numpy(), pred.iloc[[2]].to_numpy(), atol=1e-6)
+    # the reloaded model's intervals: the same half-widths around the same point estimate
+    np.testing.assert_allclose(pd.read_csv(paths.proportions_upper, index_col=0).to_numpy(), upper.iloc[[2]].to_numpy(),
+                               atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- intervals
+def test_intervals_contain_the_point_estimate_and_stay_in_unit_range():
+    rng = np.random.default_rng(0)
+    pred = pd.DataFrame(rng.dirichlet(np.ones(4), 30), columns=list("abcd"))
+    lower, upper = tape.intervals(pred, pd.Series([0.0, 0.05, 0.3, 2.0], index=list("abcd")))
+    assert (lower.to_numpy() <= pred.to_numpy()).all() and (pred.to_numpy() <= upper.to_numpy()).all()
+    assert lower.to_numpy().min() >= 0 and upper.to_numpy().max() <= 1
+    np.testing.assert_array_equal(lower["a"], pred["a"])  # zero width: the point itself
+    assert (upper["d"] == 1).all() and (lower["d"] == 0).all()
+
+
+def test_conformal_halfwidth_is_the_finite_sample_quantile():
+    pred = pd.DataFrame({"a": np.zeros(9)})
+    truth = pd.DataFrame({"a": np.arange(1, 10) / 100})  # errors 0.01 .. 0.09
+    # ceil((9 + 1) * 0.9) = 9th smallest error; at level 0.5, the 5th
+    assert tape.conformal_halfwidth(pred, truth, 0.9)["a"] == pytest.approx(0.09)
+    assert tape.conformal_halfwidth(pred, truth, 0.5)["a"] == pytest.approx(0.05)
+    with pytest.raises(ValueError):
+        tape.conformal_halfwidth(pred, truth, 1.0)
+
+
+def test_intervals_cover_simulated_truth_at_the_nominal_level(fitted, inputs, tmp_path):
+    """Calibrated on one set of simulated bulks, the 90 % intervals cover ~90 % of a fresh set's truths."""
+    fit, _ = fitted
+    reference, lengths, _, _ = inputs
+    ckpt = tape.checkpoint_dict(fit)
+
+    def predicted(seed):
+        settings = dataclasses.replace(fit.settings, seed=seed)
+        tpm, truth = tape.calibration_bulks(reference, settings, 300, lengths, tmp_path, n_threads=1)
+        pred = tape.predict_proportions(ckpt, tpm, lengths, adaptive=False, model=fit.model)
+        return pred, truth[pred.columns]
+
+    calib_pred, calib_truth = predicted(10)
+    test_pred, test_truth = predicted(20)
+    halfwidth = tape.conformal_halfwidth(calib_pred, calib_truth)
+    assert 0.85 <= tape.coverage(*tape.intervals(test_pred, halfwidth), test_truth) <= 0.95
+    # a half-width of half the size covers clearly less: the calibration is not vacuous
+    assert tape.coverage(*tape.intervals(test_pred, halfwidth / 2), test_truth) < 0.8
 
 
 def test_stage2_pseudobulk_tpm_follows_the_protocol(data_dir, tmp_path):

@@ -301,3 +301,48 @@ def test_inversion_and_model_samplers_decode_the_same_cells(stage5_dir):
     draws = generate.sample_zinb_inversion(log_mu, log_theta, zi_logits, torch.Generator().manual_seed(1))
     assert np.abs(np.asarray(draws.mean(axis=0)).ravel() / expected_mean - 1).max() < 0.15
     assert (draws.toarray() == 0).mean() == pytest.approx(float(expected_zero.mean()), abs=0.005)
+
+
+# ----------------------------------------------------------------------------- COUNTS_FROM=draw
+def _interval_inputs():
+    proportions = pd.DataFrame([[0.6, 0.3, 0.1, 0.0], [0.25, 0.25, 0.25, 0.25]], index=["s1", "s2"],
+                               columns=["A", "B", "C", "D"])
+    lower, upper = (proportions - 0.05).clip(lower=0), (proportions + 0.05).clip(upper=1)
+    return proportions, lower, upper
+
+
+def test_replicate_cell_counts_are_seeded_and_sum_to_n_cells():
+    proportions, lower, upper = _interval_inputs()
+    counts = generate.replicate_cell_counts(proportions, lower, upper, 1000, 4, seed=7)
+    assert list(counts.index) == [f"{s}_rep{r}" for s in ("s1", "s2") for r in range(4)]
+    assert (counts.sum(axis=1) == 1000).all() and (counts.to_numpy() >= 0).all()
+    pd.testing.assert_frame_equal(counts, generate.replicate_cell_counts(proportions, lower, upper, 1000, 4, seed=7))
+    assert not counts.equals(generate.replicate_cell_counts(proportions, lower, upper, 1000, 4, seed=8))
+    assert counts.loc[["s1_rep0", "s1_rep1"]].nunique().max() > 1  # replicates differ from one another
+
+
+def test_replicate_compositions_spread_as_the_intervals_say():
+    """±0.05 intervals at 90 %: sd ~0.05 / 1.645 = 0.030 per type; the point estimate is the mean."""
+    proportions, lower, upper = _interval_inputs()
+    counts = generate.replicate_cell_counts(proportions.iloc[[0]], lower, upper, 100_000, 400, seed=0)
+    shares = counts / 100_000
+    np.testing.assert_allclose(shares.mean(), proportions.iloc[0], atol=0.006)
+    assert 0.022 < shares["A"].std() < 0.040
+    assert shares["D"].max() < 0.01  # a type at 0 stays (nearly) absent
+    narrow = generate.replicate_cell_counts(proportions.iloc[[0]], proportions.iloc[[0]] - 0.005,
+                                            proportions.iloc[[0]] + 0.005, 100_000, 100, seed=0) / 100_000
+    assert narrow["A"].std() < shares["A"].std() / 4
+
+
+def test_replicate_cell_counts_reject_bad_settings():
+    proportions, lower, upper = _interval_inputs()
+    with pytest.raises(InputError, match="REPLICATES"):
+        generate.replicate_cell_counts(proportions, lower, upper, 10, 0, seed=0)
+    with pytest.raises(InputError, match="N_CELLS"):
+        generate.replicate_cell_counts(proportions, lower, upper, 0, 2, seed=0)
+
+
+def test_read_interval_names_the_missing_file(tmp_path):
+    proportions, _, _ = _interval_inputs()
+    with pytest.raises(InputError, match="COUNTS_FROM=point"):
+        generate.read_interval(tmp_path / "proportions_lower.csv", proportions)

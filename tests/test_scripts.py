@@ -130,6 +130,23 @@ def test_pipeline_end_to_end(chain_dir, tmp_path, monkeypatch):
     assert paths.generated_metrics.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["fig"]  # nothing written into the current directory
 
+    # COUNTS_FROM=draw: REPLICATES sets per sample side by side, compositions drawn from _4_'s intervals
+    assert paths.proportions_lower.exists() and paths.proportions_upper.exists()
+    draw = ["--COUNTS_FROM=draw", "--REPLICATES=2", "--N_CELLS=40", "--EVALUATE=false", "--FIGURES=false"]
+    shutil.rmtree(paths.generated_dir)
+    _run("_5_generate_sc.py", chain_dir, fig_dir, draw)
+    folders = sorted(p.name for p in paths.generated_dir.iterdir() if p.is_dir())
+    assert folders == sorted(f"{s}_rep{r}" for s in truth.index for r in range(2))
+    drawn = {name: io.read_dataset(paths.generated_dir / name, prefer_h5ad=False) for name in folders}
+    assert all(d.n_obs == 40 for d in drawn.values())
+    _run("_5_generate_sc.py", chain_dir, fig_dir, draw)  # the same SEED gives the same files
+    for name, first_draw in drawn.items():
+        again = io.read_dataset(paths.generated_dir / name, prefer_h5ad=False)
+        assert np.array_equal(again.X.toarray(), first_draw.X.toarray())
+        assert list(again.obs["cell_type"]) == list(first_draw.obs["cell_type"])
+    shutil.rmtree(paths.generated_dir)
+    _run("_5_generate_sc.py", chain_dir, fig_dir, ["--EVALUATE=false", "--FIGURES=false"])
+
     # PRIOR=learned draws z from the GMVAE's own p(z|k): other cells from the same seed
     first = io.read_mtx(matrices[0]).toarray()
     _run("_5_generate_sc.py", chain_dir, fig_dir, ["--PRIOR=learned", "--EVALUATE=false", "--FIGURES=false"])
