@@ -56,6 +56,7 @@ class Paths:
         self.deconvolution_dir = self.data_dir / "deconvolution"
         self.proportions = self.deconvolution_dir / "proportions.csv"
         self.deconvolution_metrics = self.deconvolution_dir / "metrics.csv"
+        self.bulk_record = self.deconvolution_dir / "bulk.json"  # the deconvolved bulk's path, unit, protocol
         self.proportions_scatter = self.fig_dir / "proportions_scatter.png"
 
         # _5_generate_sc.py -> generated/
