@@ -187,3 +187,199 @@ def real_vs_real_auroc(real, seed: int = 0) -> float:
     hvg = evaluation.top_variable_genes(normed, 2000)
     first, second = evaluation.halves(real.shape[0], seed)
     return evaluation.classifier_auroc(normed[first][:, hvg], normed[second][:, hvg], seed=seed)
+
+
+# ----------------------------------------------------------------------------- runs
+def stage5(root: Path, work: Path, name: str, extra: list[str]) -> tuple[Path, float]:
+    """Run _5_ on ``root`` (EVALUATE=false), move generated/ to work/<name>; (folder, wall s)."""
+    from models.paths import Paths
+
+    paths = Paths(root)
+    shutil.rmtree(paths.generated_dir, ignore_errors=True)
+    wall = run([sys.executable, str(REPO / "_5_generate_sc.py"), f"--DATA_DIR={root}", f"--FIG_DIR={work / 'fig'}",
+                "--EVALUATE=false", "--TORCH_THREADS=2", *extra], work / f"{name}.log")
+    target = work / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.move(str(paths.generated_dir), target)
+    return target, wall
+
+
+def score_run(folder: Path, unconditioned: Path, groups, counts, obs, control_means, top, cell_types, gene_index,
+              several: bool) -> pd.DataFrame:
+    from models import evaluation
+
+    rows = {}
+    stim_types = obs["cell_type"].to_numpy()
+    for name, idx in groups.items():
+        sub = (lambda f: f / name) if several else (lambda f: f)
+        generated, generated_types = read_generated(sub(folder))
+        plain, plain_types = read_generated(sub(unconditioned))
+        plain_means = type_means(evaluation.log_normalize(plain), plain_types, cell_types)
+        rows[name] = score_sample(counts[idx], stim_types[idx], control_means, generated, generated_types,
+                                  plain_means, top, cell_types, gene_index)
+    return pd.DataFrame(rows).T
+
+
+def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int) -> None:
+    from models import evaluation, io
+    from models.paths import Paths
+
+    root = work / "kang"
+    paths = Paths(root)
+    counts, genes, obs = read_kang()
+    if retrain or not paths.gmvae_checkpoint.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        prepare_reference(root, counts, genes, obs)
+        wall = run([sys.executable, str(REPO / "_3_train_gmvae.py"), f"--DATA_DIR={root}",
+                    f"--FIG_DIR={work / 'fig'}"], work / "train.log")
+        print(f"_3_train_gmvae.py (defaults) on the control cells: {wall:.0f} s", flush=True)
+    test = io.read_dataset(paths.test_dir)
+    cell_types = io.read_type_order(paths.train_dir / "clusters.csv")
+    control_types = test.obs["cell_type"].astype(str).to_numpy()
+    control_means = type_means(evaluation.log_normalize(test.X), control_types, cell_types)
+    stim = np.flatnonzero(obs["condition"].to_numpy() == "stim")
+    stim_means = type_means(evaluation.log_normalize(counts[stim]), obs["cell_type"].to_numpy()[stim], cell_types)
+    top = {t: np.argsort(-np.abs(stim_means[t] - control_means[t]), kind="stable")[:N_TOP_RESPONSE]
+           for t in cell_types}
+    gene_index = {g: i for i, g in enumerate(genes)}
+
+    groups = make_bulks(counts, genes, obs, n_cohort, cells_per_bulk)
+    bulks = work / "bulks"
+    bulks.mkdir(exist_ok=True)
+    bulk_table(counts, genes, groups).to_csv(bulks / "stim.csv")
+    rng = np.random.default_rng(7)
+    platform_factor = np.exp(rng.normal(0.0, 1.0, len(genes)))  # a simulated other platform: one factor per gene
+    bulk_table(counts, genes, groups, platform_factor).to_csv(bulks / "stim_platform.csv")
+    control = {"control_test": np.flatnonzero(obs.index.isin(test.obs_names))}
+    bulk_table(counts, genes, control).to_csv(bulks / "control.csv")
+    bulk_table(counts, genes, control, platform_factor).to_csv(bulks / "control_platform.csv")
+    # the true proportions stand in for stage 4's (see the docstring); bulk.json as stage 4 writes it
+    shares = type_shares(obs, groups, cell_types)
+    shares.index.name = "sample"
+    paths.deconvolution_dir.mkdir(parents=True, exist_ok=True)
+    shares.to_csv(paths.proportions)
+    paths.bulk_record.write_text(json.dumps({"path": str(bulks / "stim.csv"), "unit": "counts", "protocol": "umi",
+                                             "reference_protocol": "umi"}))
+    common = [f"--N_CELLS={cells_per_bulk}"]
+    runs = {}
+    none, wall = stage5(root, work, "none", common + ["--CONDITION=none", "--FIGURES=false"])
+    print(f"_5_ CONDITION=none: {wall:.0f} s ({len(groups)} samples x {cells_per_bulk} cells)", flush=True)
+    variants = {
+        "auto (absolute)": common,
+        "shared factor only": common + ["--CONDITION_TYPE_PENALTY=1e6", "--FIGURES=false"],
+        "relative, baseline = control test bulk": common + [f"--BULK_BASELINE={bulks / 'control.csv'}",
+                                                            "--FIGURES=false"],
+        "platform x factor: relative": common + [f"--BULK={bulks / 'stim_platform.csv'}",
+                                                 f"--BULK_BASELINE={bulks / 'control_platform.csv'}",
+                                                 "--FIGURES=false"],
+        "platform x factor: absolute": common + [f"--BULK={bulks / 'stim_platform.csv'}", "--CONDITION=absolute",
+                                                 "--FIGURES=false"],
+    }
+    for label, extra in variants.items():
+        folder, wall = stage5(root, work, label.split()[0].strip(",:") + str(len(runs)), extra)
+        runs[label] = score_run(folder, none, groups, counts, obs, control_means, top, cell_types, gene_index, True)
+        print(f"_5_ {label}: {wall:.0f} s", flush=True)
+    runs["unconditioned"] = score_run(none, none, groups, counts, obs, control_means, top, cell_types, gene_index,
+                                      True)
+    real_auroc = {name: real_vs_real_auroc(counts[idx]) for name, idx in list(groups.items())[:3]}
+
+    print(f"\nKang IFN-beta: GMVAE on {test.n_obs * 3} control cells (75 %), bulks of stimulated cells: stim_all "
+          f"(all {len(groups['stim_all'])}) and {n_cohort} Dirichlet pseudo-bulks of {cells_per_bulk} cells; "
+          f"{cells_per_bulk} cells generated per sample with the true proportions")
+    print("| run | AUROC stim_all | AUROC cohort | per-type mean r (cohort) | LFC r stim_all | LFC r cohort | "
+          "type-specific r stim_all | type-specific r cohort |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, table in runs.items():
+        cohort = table.drop(index="stim_all")
+        lfc = "" if label == "unconditioned" else (f"{table.loc['stim_all', 'lfc_r']:.3f} | "
+                                                  f"{cohort['lfc_r'].astype(float).mean():.3f} | "
+                                                  f"{table.loc['stim_all', 'specific_r']:.3f} | "
+                                                  f"{cohort['specific_r'].astype(float).mean():.3f}")
+        print(f"| {label} | {table.loc['stim_all', 'auroc']:.3f} | {cohort['auroc'].astype(float).mean():.3f} | "
+              f"{cohort['per_type_mean_r'].astype(float).mean():.3f} | {lfc or ' | | | '} |")
+    print(f"| real vs real (halves) | {real_auroc['stim_all']:.3f} | "
+          f"{np.mean([v for k, v in real_auroc.items() if k != 'stim_all']):.3f} (2 samples) | | | | | |")
+    auto = runs["auto (absolute)"]
+    print("\nper type, stim_all (auto): LFC r / type-specific r / interferon-gene recovery (generated / real LFC)")
+    for t in cell_types:
+        if t in auto.loc["stim_all", "lfc_r_types"]:
+            print(f"  {t:16s} {auto.loc['stim_all', 'lfc_r_types'][t]:.3f} / "
+                  f"{auto.loc['stim_all', 'specific_r_types'][t]:.3f} / {auto.loc['stim_all', 'isg_recovery'][t]:.2f}")
+    own_bulk(root, work, test, cell_types)
+
+
+def own_bulk(root: Path, work: Path, test, cell_types) -> None:
+    """The reference's own test-cell bulk: conditioning must change the AUROC against the test cells by <= 0.01."""
+    import scipy.sparse as sp
+
+    bulk = pd.DataFrame(np.asarray(sp.csr_matrix(test.X).sum(axis=0)), index=["control_test"],
+                        columns=[str(g) for g in test.var_names])
+    bulk.to_csv(work / "bulks" / "own.csv")
+    counts = test.obs["cell_type"].astype(str).value_counts().rename_axis("cell_type").reset_index(name="n_cells")
+    counts.to_csv(work / "bulks" / "own_counts.csv", index=False)
+    result = {}
+    for condition in ("none", "auto"):
+        from models.paths import Paths
+
+        shutil.rmtree(Paths(root).generated_dir, ignore_errors=True)
+        run([sys.executable, str(REPO / "_5_generate_sc.py"), f"--DATA_DIR={root}", f"--FIG_DIR={work / 'fig'}",
+             f"--CELL_COUNTS={work / 'bulks' / 'own_counts.csv'}", f"--BULK={work / 'bulks' / 'own.csv'}",
+             f"--CONDITION={condition}", "--FIGURES=false", "--TORCH_THREADS=2"], work / f"own_{condition}.log")
+        result[condition] = json.loads(Paths(root).generated_metrics.read_text())
+    fit = result["auto"]["condition"]
+    print(f"\nthe reference's own test-cell bulk ({test.n_obs} cells): AUROC vs the test cells "
+          f"{result['none']['gmvae']['auroc']:.4f} unconditioned -> {result['auto']['gmvae']['auroc']:.4f} "
+          f"conditioned; r(bulk, pseudo-bulk) {fit['r_before']:.4f} -> {fit['r_after']:.4f}; "
+          f"mean |log fold change| {fit['mean_abs_log_fold_change']:.4f}")
+
+
+def timing(n_samples: int) -> None:
+    """The fit alone at lung scale: a randomly initialised GMVAE (16,000 genes, 17 types), random bulks."""
+    import torch
+
+    from models import condition, generate
+    from models.gmvae import GMVAE
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = GMVAE(LUNG_GENES, LUNG_TYPES)
+    rng = np.random.default_rng(0)
+    cells = np.vstack([generate.largest_remainder(rng.dirichlet(np.ones(LUNG_TYPES)), 2500) for _ in range(n_samples)])
+    profiles = rng.gamma(0.5, 1.0, (n_samples, LUNG_GENES))
+    profiles /= profiles.sum(1, keepdims=True)
+    shared = np.ones(LUNG_GENES, bool)
+    print(f"\nfit time at lung scale ({LUNG_GENES:,} genes, {LUNG_TYPES} types, 2 threads):")
+    for latent in (False, True):
+        for n in (1, n_samples):
+            start = time.perf_counter()
+            condition.fit_conditions(model, cells[:n], profiles[:n], shared, "absolute",
+                                     generate.block_generator(0, 2_000_000, 0),
+                                     condition.ConditionSettings(latent=latent), prior="learned")
+            wall = time.perf_counter() - start
+            print(f"  CONDITION_LATENT={latent}: {n:3d} samples in {wall:6.1f} s = {wall / n:5.2f} s per sample",
+                  flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["fidelity", "timing", "all"], default="all")
+    parser.add_argument("--work", default="/tmp/bulk2sc_bench_condition")
+    parser.add_argument("--retrain", action="store_true", help="rebuild the control split and retrain the GMVAE")
+    parser.add_argument("--cohort", type=int, default=20, help="Dirichlet pseudo-bulks")
+    parser.add_argument("--cells", type=int, default=1000, help="cells per cohort bulk and generated per sample")
+    parser.add_argument("--timing-samples", type=int, default=20)
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"machine: {machine()}\n", flush=True)
+    if args.part in ("fidelity", "all"):
+        if not (SHARED / "kang_ifnb").is_dir():
+            sys.exit(f"{SHARED / 'kang_ifnb'} is absent")
+        fidelity(work, args.retrain, args.cohort, args.cells)
+    if args.part in ("timing", "all"):
+        timing(args.timing_samples)
+
+
+if __name__ == "__main__":
+    main()

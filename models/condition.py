@@ -55,7 +55,8 @@ class ConditionSettings:
 
     latent: bool = False  # fit the latent shift u [K, Z] through the decoder (10x slower; no gain on Kang)
     latent_penalty: float = 0.01  # x mean_k |L_k^-1 u_k|^2 (L: Cholesky of the type's prior covariance)
-    gene_penalty: float = 1e-3  # x mean_g e_sg^2 (the shared per-gene factor: weak, the bulk identifies it)
+    gene_penalty: float = 1e-3  # x mean_g c_g^2 (the per-gene factor every sample shares: weak, the bulks identify it)
+    sample_penalty: float = 0.03  # x mean_sg e_sg^2 (each sample's own per-gene factor, over c)
     type_penalty: float = 0.003  # x mean_kg d_kg^2 (the per-type deviation: shrunk to the shared factor)
     pseudo: float = 1e-5  # added to profiles (which sum to 1) before the log: ~10 per million
     n_draws: int = 32  # fixed z draws per type for the latent fit's expectation
@@ -273,28 +274,35 @@ def fit_latent(model, z: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor], 
 def fit_genes(base: tuple[torch.Tensor, torch.Tensor], changes: torch.Tensor, cells: torch.Tensor,
               targets: torch.Tensor, shared: torch.Tensor,
               settings: ConditionSettings) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Per-type deviations d [K, G] (shared by the samples) and per-sample factors e [S, G], jointly.
+    """Per-type deviations d [K, G] and per-sample gene factors c + e_s [S, G], fitted jointly.
+
+    The shift of type k in sample s is c_g + d_kg + e_sg: c (weak ridge) is what every sample
+    and type share, d (``type_penalty``) what a type adds, shared by the samples, and e
+    (``sample_penalty``) a sample's own change, shared by its types. A sample can only move d
+    away from c through its composition, so d is identified by proportions that vary.
 
     base: :func:`type_log_means`; changes: [S, K, G] each sample's latent change of the type log
     means; cells: [S, K]; targets: [S, G] log profiles. Minimises mean_s mean_g (log profile -
     target)^2 plus the ridges.
     """
     n_samples, n_types, n_genes = changes.shape
+    common = torch.zeros(n_genes, requires_grad=True)
     types = torch.zeros(n_types, n_genes, requires_grad=True)
-    genes = torch.zeros(n_samples, n_genes, requires_grad=True)
-    optimizer = torch.optim.Adam([types, genes], lr=settings.lr)
+    samples = torch.zeros(n_samples, n_genes, requires_grad=True)
+    optimizer = torch.optim.Adam([common, types, samples], lr=settings.lr)
     losses = []
     for _ in range(settings.gene_steps):
         optimizer.zero_grad()
-        shift = types[None] + genes[:, None, :]
+        shift = common + types[None] + samples[:, None, :]
         log_means = expected_log_means(base[0][None], base[1][None], shift, settings.frequency) + changes
         pred = log_profile(pseudo_bulk_profile(log_means, cells, shared), settings.pseudo)
         fit = ((pred - targets) ** 2)[:, shared].mean()
-        loss = fit + settings.type_penalty * (types ** 2).mean() + settings.gene_penalty * (genes ** 2).mean()
+        loss = (fit + settings.gene_penalty * (common ** 2).mean() + settings.type_penalty * (types ** 2).mean()
+                + settings.sample_penalty * (samples ** 2).mean())
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    return types.detach(), genes.detach(), losses
+    return types.detach(), (common[None] + samples).detach(), losses
 
 
 def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.ndarray, mode: str,
@@ -369,6 +377,7 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
             r_after=pearson(conditioned[s][shared_t], targets[s][shared_t]),
             residual=residual, converged=converged,
             diagnostics={"mode": mode, "n_shared_genes": int(shared_t.sum()), "seconds": seconds / n_samples,
+                         "mean_abs_log_fold_change": float((log_means[s] - unshifted_means).abs().mean()),
                          "latent_shift_sd": [float(v) for v in whitened]}))
     return results
 
