@@ -89,7 +89,7 @@ UMAP = True  # false: the overlay uses the first two PCs instead (skips umap-lea
 CONDITION = "auto"  # "auto": fit each sample's per-type shift to its bulk whenever there is one, the mode from
 #                    stage 4's protocol; "absolute" / "relative" force a mode; "none": proportions only (as before)
 BULK = ""  # bulk table to condition on (samples x genes, counts/CPM/TPM); "" = the one stage 4 deconvolved
-BULK_BASELINE = ""  # relative mode: control bulks in the reference's state (their mean is the baseline); "" = the samples' mean
+BULK_BASELINE = ""  # relative mode: control bulks in the reference's state (their mean = the baseline); "" = samples' mean
 CONDITION_TYPE_PENALTY = 0.003  # ridge on the per-type deviations from the shared per-gene factor (README: 0.03-0.0003)
 CONDITION_LATENT = False  # also fit a per-type latent shift through the decoder: 10x slower, no gain on Kang (README)
 CONDITION_MIN_GENES = 1000  # fewer bulk genes shared with the GMVAE than this is an error

@@ -62,11 +62,11 @@ class ConditionSettings:
     n_draws: int = 32  # fixed z draws per type for the latent fit's expectation
     n_base_draws: int = 256  # z draws per type for the unshifted type profiles
     latent_steps: int = 60  # Adam steps of the per-sample latent fit
-    gene_steps: int = 1000  # Adam steps of the joint per-gene fit (300 left Kang unconverged: type-specific r 0.39 vs 0.53)
+    gene_steps: int = 1000  # Adam steps of the per-gene fit (300 left Kang unconverged: type-specific r 0.39 vs 0.53)
     lr: float = 0.05
     max_log_shift: float = math.log(1000.0)  # the per-gene log factors are clipped to this (a safety bound)
     tolerance: float = 1e-3  # relative loss change over the last tenth of the steps: above = not converged
-    frequency: bool = True  # a gene shift changes burst frequency (theta and dropout odds move too; GMVAE.generative_params)
+    frequency: bool = True  # a gene shift changes burst frequency (theta, dropout odds move too: GMVAE.generative_params)
 
 
 @dataclass
