@@ -16,6 +16,7 @@ Writes:
                                                the 90 % interval of every proportion (split conformal,
                                                calibrated on simulated bulks with known truth)
     DATA_DIR/deconvolution/metrics.csv         with truth: MAE, RMSE, Pearson r, Lin's CCC, overall + per sample
+    DATA_DIR/deconvolution/bulk.json           the bulk's path, unit and protocol (stage 5 conditions on it)
     DATA_DIR/deconvolution/config.json         the settings of this run
     FIG_DIR/proportions_scatter.png            with truth: predicted vs true with the 90 % intervals as
                                                error bars, MAE and interval coverage in the title
@@ -183,9 +184,9 @@ def main(argv=None) -> pd.DataFrame:
         log.info("loaded %s (%d genes, %d cell types, %s reference)", paths.tape_checkpoint, len(ckpt["genes"]),
                  len(ckpt["cell_types"]), protocol)
 
-    bulk_tpm, _ = tape.prepare_bulk(tape.read_table(bulk_path), cfg.BULK_UNIT, reference_genes, gene_lengths,
-                                    cfg.MIN_SHARED_GENES, str(bulk_path), protocol=cfg.BULK_PROTOCOL,
-                                    profile=profile)
+    bulk_tpm, bulk_report = tape.prepare_bulk(tape.read_table(bulk_path), cfg.BULK_UNIT, reference_genes,
+                                              gene_lengths, cfg.MIN_SHARED_GENES, str(bulk_path),
+                                              protocol=cfg.BULK_PROTOCOL, profile=profile)
 
     model = None
     if cfg.RETRAIN:
@@ -221,6 +222,11 @@ def main(argv=None) -> pd.DataFrame:
             bound.index.name = "sample"
             io.write_table(bound, path)
         log.info("wrote %s and %s (90 %% intervals)", paths.proportions_lower, paths.proportions_upper)
+    # Stage 5 conditions the cells on this bulk: where it is and how it was read (its platform).
+    record = {"path": str(bulk_path), "unit": cfg.BULK_UNIT, "reference_protocol": protocol,
+              "protocol": bulk_report.protocol or (protocol if default_bulk else None)}
+    with io.atomic_path(paths.bulk_record) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
 
     if truth_path is not None:
         require_files([truth_path], "_2_prepare_sctape.py" if default_bulk else "(BULK_TRUTH)")

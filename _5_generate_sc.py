@@ -9,11 +9,20 @@ draws z ~ p(z | type) (sd scaled by ``NOISE_SCALE``) and counts from the GMVAE d
 (ZI)NB, in seeded RNG blocks, so the same ``SEED`` gives identical files for any
 ``CHUNK_CELLS``. Chunks are written as they are drawn: a million cells run in bounded memory.
 
+Conditioning (``CONDITION``, models/condition.py): with a bulk (the one stage 4 deconvolved, or
+``BULK``), each sample's cell types get per-gene log factors, fitted through the frozen decoder
+so that the expected pseudo-bulk of its cells matches the bulk ("absolute", same platform) or
+its log-ratio to a baseline ("relative", another platform: ``BULK_BASELINE`` or the samples'
+mean). The mode and why are logged. ``CONDITION=none``, or ``CELL_COUNTS`` without ``BULK``,
+gives the cells of the proportions alone.
+
 Reads:
     DATA_DIR/checkpoints/gmvae.pt              trained GMVAE, genes and cell types (_3_)
     DATA_DIR/deconvolution/proportions.csv     samples x cell types, first column = sample (_4_)
     DATA_DIR/deconvolution/proportions_lower.csv, _upper.csv   COUNTS_FROM=draw: the 90 % intervals (_4_)
     CELL_COUNTS                                optional cell_type,n_cells CSV (skips proportions)
+    DATA_DIR/deconvolution/bulk.json           the bulk stage 4 deconvolved (path, unit, protocol), or BULK:
+                                               each sample's cells are conditioned on its bulk (CONDITION)
     DATA_DIR/test/, DATA_DIR/train/            held-out cells to score against; training cells
                                                for the NB baseline (_1_), when present
 Writes (DATA_DIR/generated/, or generated/<sample>/ per bulk sample when there are several):
@@ -23,6 +32,9 @@ Writes (DATA_DIR/generated/, or generated/<sample>/ per bulk sample when there a
     cells.h5ad        X = sparse int32 counts, obs cell_type / partition / sample, var_names = genes
     metrics.json      when DATA_DIR/test exists: GMVAE, NB baseline and real-vs-real metrics
     config.json       the settings of this run (generated/)
+    condition.npz     when conditioned on a bulk: the fitted shifts (z_shift [K, Z], log_mean_shift and
+                      log_fold_change [K, G], genes, cell_types); the fit's r goes to the log and metrics.json
+    FIG_DIR/condition_shifts[_<sample>].png   each type's most-shifted genes
     FIG_DIR/generated_proportions.png   real vs generated proportions (every sample)
     FIG_DIR/generated_umap.png, generated_gene_correlation.png  with DATA_DIR/test: the UMAP
                       overlay and gene-gene correlation heatmaps of the first sample's cells
@@ -33,6 +45,7 @@ Run:
     python _5_generate_sc.py --CELL_COUNTS=counts.csv --SEED=7 --NOISE_SCALE=0.8
     torchrun --standalone --nproc_per_node=4 _5_generate_sc.py --N_CELLS=1e7   # ranks share each sample's
                                                                                # RNG blocks; same files
+    python _5_generate_sc.py --CONDITION=relative --BULK_BASELINE=control_bulks.tsv
 """
 from __future__ import annotations
 
@@ -45,7 +58,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models import distributed, evaluation, generate, plots, sharded
+from models import condition, distributed, evaluation, generate, plots, sharded
 from models.baseline import fit_nb_per_type
 from models.config import load_config, save_config
 from models.io import atomic_path, encode_labels, read_dataset
@@ -82,9 +95,17 @@ N_PCS = 30  # principal components for the classifier, MMD and UMAP
 N_CORR_GENES = 100  # top variable genes in the gene-gene correlation comparison and heatmaps
 FIGURES = True  # write the figures
 UMAP = True  # false: the overlay uses the first two PCs instead (skips umap-learn's ~30 s JIT compile)
+CONDITION = "auto"  # "auto": fit each sample's per-type shift to its bulk whenever there is one, the mode from
+#                    stage 4's protocol; "absolute" / "relative" force a mode; "none": proportions only (as before)
+BULK = ""  # bulk table to condition on (samples x genes, counts/CPM/TPM); "" = the one stage 4 deconvolved
+BULK_BASELINE = ""  # relative mode: control bulks in the reference's state (their mean = the baseline); "" = samples' mean
+CONDITION_TYPE_PENALTY = 0.003  # ridge on the per-type deviations from the shared per-gene factor (README: 0.03-0.0003)
+CONDITION_LATENT = False  # also fit a per-type latent shift through the decoder: 10x slower, no gain on Kang (README)
+CONDITION_MIN_GENES = 1000  # fewer bulk genes shared with the GMVAE than this is an error
 # -----------------------------------------------------------------------------
 
 BASELINE_STREAM = 1_000_000  # RNG streams of the NB baseline: apart from the GMVAE's (one per sample)
+CONDITION_STREAM = 2_000_000  # RNG streams of the conditioning's z draws and its pi check
 
 
 def safe_name(name: str) -> str:
@@ -132,6 +153,69 @@ def cell_counts_table(cfg, paths: Paths, cell_types: list[str], test) -> pd.Data
     lower = generate.read_interval(paths.proportions_lower, proportions)
     upper = generate.read_interval(paths.proportions_upper, proportions)
     return generate.replicate_cell_counts(proportions, lower, upper, int(n_cells), cfg.REPLICATES, cfg.SEED)
+
+
+def read_bulk(path: Path, genes: list[str]) -> pd.DataFrame:
+    from models.deconvolution import check_bulk_values, orient_bulk, read_table
+
+    return check_bulk_values(orient_bulk(read_table(path), genes, str(path))[0], str(path))
+
+
+def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prior: str, calibrate: bool) -> dict:
+    """Sample -> models.condition.SampleCondition fitted to its bulk, or {} (no bulk, or CONDITION=none)."""
+    record = json.loads(paths.bulk_record.read_text()) if paths.bulk_record.exists() else None
+    bulk_path = resolve(cfg.BULK) if cfg.BULK else None
+    if bulk_path is None and record is not None and not cfg.CELL_COUNTS:
+        bulk_path = Path(record["path"])
+    if record is not None and (bulk_path is None or Path(record["path"]) != bulk_path):
+        record = None  # stage 4 read another bulk
+    mode, why = condition.choose_mode(cfg.CONDITION, record, bool(cfg.BULK_BASELINE), len(counts))
+    if cfg.CONDITION == "none" or bulk_path is None:
+        log.info("cells from the proportions only (%s)", "CONDITION=none" if cfg.CONDITION == "none" else "no bulk")
+        return {}
+    if mode is None:
+        log.warning("not conditioning on %s: %s", bulk_path, why)
+        return {}
+    log.info("conditioning on the bulk %s: %s mode, because %s", bulk_path, mode, why)
+    bulk = condition.align_samples(read_bulk(bulk_path, genes), counts.index, str(bulk_path))
+    baseline = None
+    if cfg.BULK_BASELINE:
+        baseline_table = read_bulk(resolve(cfg.BULK_BASELINE), genes)
+        common = bulk.columns.intersection(baseline_table.columns)
+        baseline = condition.bulk_profiles(baseline_table[common], genes, cfg.CONDITION_MIN_GENES,
+                                           cfg.BULK_BASELINE)[0].mean(0)
+        bulk = bulk[common]
+    profiles, shared = condition.bulk_profiles(bulk, genes, cfg.CONDITION_MIN_GENES, str(bulk_path))
+    settings = condition.ConditionSettings(latent=cfg.CONDITION_LATENT, type_penalty=cfg.CONDITION_TYPE_PENALTY)
+    fits = condition.fit_conditions(model, counts.to_numpy(), profiles, shared, mode,
+                                    generate.block_generator(cfg.SEED, CONDITION_STREAM, 0), settings,
+                                    cfg.NOISE_SCALE, prior, calibrate, baseline=baseline)
+    for sample, fit in zip(counts.index, fits):
+        log.info("sample %s: r(bulk, generated pseudo-bulk) %.4f -> %.4f over %d genes (%.1f s)", sample,
+                 fit.r_before, fit.r_after, int(shared.sum()), fit.diagnostics["seconds"])
+        if not fit.converged:
+            log.warning("sample %s: the conditioning did not converge (mean squared log residual %.4g)",
+                        sample, fit.residual)
+    return dict(zip([str(s) for s in counts.index], fits))
+
+
+def write_condition(cfg, paths: Paths, folder: Path, suffix: str, sample: str, fit, own_share: dict, genes,
+                    cell_types) -> dict:
+    """condition.npz (the shifts), the most-shifted-genes figure; returns the fit's summary for metrics.json."""
+    with atomic_path(folder / "condition.npz") as tmp:
+        condition.save_npz(tmp, {"z_shift": fit.z_shift.numpy(), "log_mean_shift": fit.log_mean_shift.numpy(),
+                                 "log_fold_change": fit.log_fold_change.numpy(), "genes": np.asarray(genes),
+                                 "cell_types": np.asarray(cell_types)})
+    summary = {**fit.summary(), **own_share}
+    log.info("sample %s: share of cells the GMVAE's pi calls their type, worst type: %.3f unconditioned, "
+             "%.3f conditioned", sample, min(own_share["own_type_share_before"].values()),
+             min(own_share["own_type_share_after"].values()))
+    if cfg.FIGURES:
+        top = condition.top_shifted_genes(fit.log_fold_change.numpy(), genes, cell_types)
+        path = plots.plot_condition_shifts(top, paths.fig_dir / f"condition_shifts{suffix}.png",
+                                           title=f"{sample}: most-shifted genes per type ({fit.diagnostics['mode']})")
+        log.info("wrote %s", path)
+    return summary
 
 
 def nb_baseline(paths: Paths, genes: list[str], cell_types: list[str]):
@@ -246,14 +330,22 @@ def generate_all(cfg, ctx) -> dict:
         log.warning("%s has no gene-mean calibration (written before it existed); generating uncalibrated. "
                     "Rerun _3_train_gmvae.py to get it", paths.gmvae_checkpoint)
     sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE, method=cfg.SAMPLER, prior=prior, calibrate=calibrate)
+    conditions = fit_conditioning(cfg, paths, model, genes, counts, prior, calibrate)
+    samplers = {}
+    for sample in counts.index:  # a conditioned sample draws through its own shifts
+        fit = conditions.get(str(sample))
+        samplers[str(sample)] = sampler if fit is None else generate.gmvae_sampler(
+            model, cfg.NOISE_SCALE, method=cfg.SAMPLER, prior=prior, calibrate=calibrate, z_shift=fit.z_shift,
+            log_mean_shift=fit.log_mean_shift)
+    condition_summary = {}
 
     def folder_of(sample):
         return paths.generated_dir / safe_name(sample) if several else paths.generated_dir
 
     if ctx.distributed:  # every rank draws its share of every sample; the files equal one process's
-        sharded.write_generated_sharded([folder_of(s) for s in counts.index], sampler, genes, cell_types,
-                                        [counts.loc[s].to_numpy() for s in counts.index], list(map(str, counts.index)),
-                                        cfg.SEED, cfg.CHUNK_CELLS, ctx, device=device)
+        sharded.write_generated_sharded([folder_of(s) for s in counts.index], [samplers[str(s)] for s in counts.index],
+                                        genes, cell_types, [counts.loc[s].to_numpy() for s in counts.index],
+                                        list(map(str, counts.index)), cfg.SEED, cfg.CHUNK_CELLS, ctx, device=device)
         if not ctx.is_main:  # rank 0 alone scores, draws the figures and writes config.json
             return {}
     summary, shares = {}, {}
@@ -263,15 +355,23 @@ def generate_all(cfg, ctx) -> dict:
         per_type = counts.loc[sample]
         log.info("sample %s: %d cells -> %s (%s)", sample, per_type.sum(), folder,
                  ", ".join(f"{t}={n}" for t, n in per_type.items() if n))
+        fit = conditions.get(str(sample))
+        sample_sampler = samplers[str(sample)]
         keep_cells = cfg.EVAL_MAX_CELLS if evaluate_now else 0
         if ctx.distributed:
             codes, kept = sharded.read_kept(folder, per_type.to_numpy(), keep_cells, cfg.SEED)
         else:
             codes, kept = generate.write_generated(
-                folder, sampler, genes, cell_types, per_type.to_numpy(), cfg.SEED, cfg.CHUNK_CELLS, stream=stream,
-                sample=str(sample), keep_cells=keep_cells, device=device)
+                folder, sample_sampler, genes, cell_types, per_type.to_numpy(), cfg.SEED, cfg.CHUNK_CELLS,
+                stream=stream, sample=str(sample), keep_cells=keep_cells, device=device)
         shares[str(sample)] = per_type / per_type.sum()
         log.info("wrote %s (matrix.mtx, cells.h5ad, clusters.csv); peak RSS %.0f MiB", folder, peak_rss_mb())
+        if fit is not None:
+            own = {f"own_type_share_{when}": dict(zip(cell_types, condition.own_type_share(
+                model, chosen, len(cell_types), 32, generate.block_generator(cfg.SEED, CONDITION_STREAM + 1, stream))))
+                for when, chosen in (("before", sampler), ("after", sample_sampler))}
+            condition_summary[str(sample)] = write_condition(cfg, paths, folder, suffix, str(sample), fit, own,
+                                                             genes, cell_types)
         if not evaluate_now:
             continue
         real_shares = evaluation.type_proportions(test_types, cell_types)
@@ -280,6 +380,8 @@ def generate_all(cfg, ctx) -> dict:
         metrics, baseline_counts = score_sample(cfg, test, test_types, codes, kept, baseline, cell_types,
                                                 stream, exact_mae)
         metrics = {"sample": str(sample), "n_cells": int(per_type.sum()), **metrics}
+        if fit is not None:
+            metrics["condition"] = condition_summary[str(sample)]
         summary[str(sample)] = metrics
         log_summary(str(sample), metrics)
         if cfg.FIGURES and stream == 0:  # one UMAP / heatmap set: the first sample's
@@ -297,6 +399,8 @@ def generate_all(cfg, ctx) -> dict:
         payload["n_test_cells"] = int(test.n_obs)
         write_json(payload, paths.generated_metrics)
         log.info("wrote %s", paths.generated_metrics)
+    elif condition_summary:  # no test cells to score against: metrics.json holds the fits alone
+        write_json({"condition": condition_summary}, paths.generated_metrics)
     if cfg.FIGURES:
         real = evaluation.type_proportions(test_types, cell_types) if test is not None else None
         path = plots.plot_proportions(pd.DataFrame(shares).T, paths.fig_dir / "generated_proportions.png", real=real)

@@ -301,12 +301,17 @@ def truncated_nb(log_mu: np.ndarray, log_theta: np.ndarray, log_p0: np.ndarray,
 
 
 def gmvae_sampler(model, noise_scale: float = 1.0, method: str = "inversion", prior: str = "learned",
-                  calibrate: bool = False) -> Sampler:
+                  calibrate: bool = False, z_shift: torch.Tensor | None = None,
+                  log_mean_shift: torch.Tensor | None = None, frequency: bool = True) -> Sampler:
     """Counts from the trained GMVAE: z ~ p(z|k) (sd scaled by ``noise_scale``), decoder, (ZI)NB draw.
 
     ``prior``: ``"learned"`` (the model's p(z | k)) or ``"posterior"`` (the per-type Gaussian
     fitted to the training encodings, ``GMVAE.fit_posterior_prior``). ``calibrate``: shift each
     type's gene means to the training cells' (``GMVAE.fit_mean_calibration``).
+
+    ``z_shift`` [K, Z] and ``log_mean_shift`` [K, G]: a bulk sample's conditioning
+    (:mod:`models.condition`), added to z before the decoder and to the log means after it
+    (with ``frequency``, also to log theta and the non-structural-zero odds: GMVAE.generative_params).
 
     ``method="inversion"``: :func:`sample_zinb_inversion` (exact, ~3x faster on CPU);
     ``"model"``: the model's own ``sample_counts`` (Gamma-Poisson for every entry).
@@ -314,11 +319,14 @@ def gmvae_sampler(model, noise_scale: float = 1.0, method: str = "inversion", pr
     if method == "model":
         def sample(codes: torch.Tensor, generator: torch.Generator):
             return model.sample_counts(codes, generator=generator, noise_scale=noise_scale, source=prior,
-                                       calibrate=calibrate)
+                                       calibrate=calibrate, z_shift=z_shift, log_mean_shift=log_mean_shift,
+                                       frequency=frequency)
     elif method == "inversion":
         def sample(codes: torch.Tensor, generator: torch.Generator):
             log_mu, log_theta, zi_logits = model.generative_params(codes.to(model.onehot.device), generator,
-                                                                   noise_scale, prior, calibrate)
+                                                                   noise_scale, prior, calibrate,
+                                                                   z_shift=z_shift, log_mean_shift=log_mean_shift,
+                                                                   frequency=frequency)
             return sample_zinb_inversion(log_mu, log_theta, zi_logits, generator)
     else:
         raise ValueError(f"method must be 'inversion' or 'model', got {method!r}")

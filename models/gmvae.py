@@ -337,16 +337,31 @@ class GMVAE(nn.Module):
 
     @torch.no_grad()
     def generative_params(self, codes: torch.Tensor, generator: torch.Generator, noise_scale: float = 1.0,
-                          source: str = "learned", calibrate: bool = False, prior=None):
+                          source: str = "learned", calibrate: bool = False, prior=None,
+                          z_shift: torch.Tensor | None = None, log_mean_shift: torch.Tensor | None = None,
+                          frequency: bool = True):
         """(log mu, log theta, zi logits or None), float32 [N, G], of new cells of types ``codes``.
 
         z and the library from :meth:`draw_prior`, then the decoder; with ``calibrate`` each
         type's log means are shifted by ``mean_log_ratio`` (:meth:`fit_mean_calibration`).
+        ``z_shift`` [K, Z] moves each type's z before the decoder and ``log_mean_shift`` [K, G]
+        adds to each type's log means after it (a bulk sample's conditioning, models.condition).
+        With ``frequency`` the gene shift is a change of burst frequency: log theta moves with the
+        log mean and the log odds of a structural (dropout) zero against it, so an induced gene
+        rises in every cell rather than in a few cells bursting larger; else only the mean moves.
         """
         z, log_library = self.draw_prior(codes, generator, noise_scale, prior, source)
+        if z_shift is not None:
+            z = z + z_shift.to(z.device)[codes]
         log_mu, log_theta, zi_logits = (None if t is None else t.float() for t in self.decode(z, log_library))
         if calibrate:
             log_mu = log_mu + self.mean_log_ratio[codes]
+        if log_mean_shift is not None:
+            shift = log_mean_shift.to(log_mu.device)[codes]
+            log_mu = log_mu + shift
+            if frequency:
+                log_theta = log_theta + shift
+                zi_logits = None if zi_logits is None else zi_logits - shift
         return log_mu, log_theta, zi_logits
 
     @torch.no_grad()
@@ -381,12 +396,14 @@ class GMVAE(nn.Module):
 
     def sample_counts(self, type_codes: torch.Tensor, generator: torch.Generator,
                       noise_scale: float = 1.0, chunk_cells: int | None = None,
-                      source: str = "learned", calibrate: bool = False) -> torch.Tensor:
+                      source: str = "learned", calibrate: bool = False, z_shift: torch.Tensor | None = None,
+                      log_mean_shift: torch.Tensor | None = None, frequency: bool = True) -> torch.Tensor:
         """Integer-valued counts [N, G] (float32, CPU) for cells of the given type codes.
 
         Parameters from :meth:`generative_params` (z from ``source``, sd scaled by ``noise_scale``;
         the library, when on, log-normal with the type's stored (loc, scale); the means shifted by
-        the fitted calibration when ``calibrate``), then a Gamma-Poisson draw. All randomness
+        the fitted calibration when ``calibrate``; ``z_shift``/``log_mean_shift`` as there), then a
+        Gamma-Poisson draw. All randomness
         comes from ``generator`` (its device is where the draws happen), so one seed gives the
         same cells.
         """
@@ -400,7 +417,7 @@ class GMVAE(nn.Module):
         for start in range(0, len(type_codes), chunk_cells):
             codes = type_codes[start:start + chunk_cells].to(device)
             log_mu, log_theta, zi_logits = self.generative_params(codes, generator, noise_scale, source, calibrate,
-                                                                  (p_mu, p_logvar))
+                                                                  (p_mu, p_logvar), z_shift, log_mean_shift, frequency)
             counts = self.distribution_from_params(log_mu, log_theta, zi_logits).sample(generator=generator)
             out[start:start + len(codes)] = counts.float().cpu()
         return out

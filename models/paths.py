@@ -58,6 +58,7 @@ class Paths:
         self.proportions_lower = self.deconvolution_dir / "proportions_lower.csv"  # 90 % interval, per type
         self.proportions_upper = self.deconvolution_dir / "proportions_upper.csv"
         self.deconvolution_metrics = self.deconvolution_dir / "metrics.csv"
+        self.bulk_record = self.deconvolution_dir / "bulk.json"  # the deconvolved bulk's path, unit, protocol
         self.proportions_scatter = self.fig_dir / "proportions_scatter.png"
 
         # _5_generate_sc.py -> generated/

@@ -162,3 +162,30 @@ def plot_correlation_heatmaps(correlations: Mapping[str, np.ndarray], path: Path
         axes[0].set_yticks(range(len(names)), names, fontsize=6)
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="Pearson r")
     return _save(fig, path)
+
+
+def plot_condition_shifts(top_genes: Mapping[str, pd.Series], path: Path, title: str = "") -> Path:
+    """One panel per cell type: its most-shifted genes by the bulk conditioning (log fold change, bars).
+
+    top_genes: type -> Series (gene -> signed natural-log fold change of the type's mean count),
+    e.g. ``models.condition.top_shifted_genes``.
+    """
+    names = list(top_genes)
+    n_cols = min(4, max(1, len(names)))
+    n_rows = -(-len(names) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 0.25 * max(len(s) for s in top_genes.values())
+                                                       * n_rows + 1.2 * n_rows), squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        values = top_genes[name].iloc[::-1]
+        ax.barh(np.arange(len(values)), values.to_numpy(), color=np.where(values.to_numpy() > 0, "#c0392b", "#2e86c1"))
+        ax.set_yticks(np.arange(len(values)), [str(g) for g in values.index], fontsize=7)
+        ax.axvline(0.0, color="grey", lw=0.8)
+        ax.set_title(str(name), fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.supxlabel("log fold change of the type's mean count (conditioned / unconditioned)", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

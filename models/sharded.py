@@ -107,16 +107,17 @@ def merge_parts(folder: Path, genes: Sequence[str], type_codes: np.ndarray, cell
             path.unlink()
 
 
-def write_generated_sharded(folders: Sequence[Path], sampler, genes: Sequence[str], cell_types: Sequence[str],
+def write_generated_sharded(folders: Sequence[Path], samplers: Sequence, genes: Sequence[str], cell_types: Sequence[str],
                             counts_per_sample: Sequence[Sequence[int]], samples: Sequence[str], seed: int,
                             chunk_cells: int, ctx: distributed.Context, device="cpu",
                             block_cells: int = BLOCK_CELLS) -> None:
-    """Every sample's folder, drawn by all ranks and merged by rank (sample index mod N).
+    """Every sample's folder, drawn by all ranks (with that sample's sampler) and merged by rank
+    (sample index mod N).
 
     Collective: every rank calls it with the same arguments; it returns when every folder is
     complete on disk.
     """
-    for stream, (folder, per_type, sample) in enumerate(zip(folders, counts_per_sample, samples)):
+    for stream, (folder, sampler, per_type, sample) in enumerate(zip(folders, samplers, counts_per_sample, samples)):
         type_codes = type_codes_from_counts(per_type)
         write_part(folder, sampler, type_codes, len(genes), seed, chunk_cells, stream, ctx.rank, ctx.world_size,
                    device, block_cells, progress=ctx.is_main)

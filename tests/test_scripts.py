@@ -29,7 +29,8 @@ TINY_ARGS = {
     "_3_train_gmvae.py": ["--EPOCHS=2", "--BATCH_SIZE=64", "--CLS_WARMUP_EPOCHS=1", "--DEVICE=cpu"],
     "_4_deconvolve_bulk.py": ["--SAMPLENUM=60", "--N_CELLS=20", "--EPOCHS=2", "--ADAPTIVE=false",
                               "--MIN_SHARED_GENES=50"],
-    "_5_generate_sc.py": ["--UMAP=false", "--N_TOP_GENES=100", "--N_PCS=5", "--N_CORR_GENES=20"],
+    "_5_generate_sc.py": ["--UMAP=false", "--N_TOP_GENES=100", "--N_PCS=5", "--N_CORR_GENES=20",
+                          "--CONDITION_MIN_GENES=50"],
 }
 
 

@@ -1,0 +1,385 @@
+"""Stage 5 benchmark: does conditioning on the bulk give cells that carry the bulk sample's state?
+
+Kang et al. 2018 (../shared/data/kang_ifnb): PBMC, control and IFN-beta stimulated. The GMVAE
+is trained on control cells only (a stratified 75/25 split of them, ``stratified_split(..., 0.25,
+123)``, with their labels; ``_3_train_gmvae.py`` at its defaults). The bulks are made from the
+stimulated cells: one of all of them ("stim_all") and ``--cohort`` pseudo-bulks whose type
+proportions are Dirichlet draws (so type-specific shifts are identifiable across samples). Stage
+5 runs with ``CONDITION=auto`` and ``CONDITION=none``; each sample's cells are scored against the
+real stimulated cells that made its bulk.
+
+Metrics (per sample; then the mean over samples):
+- real-vs-generated classifier AUROC (models.evaluation.classifier_auroc), with real-vs-real (two
+  halves of the sample's real cells) as the ceiling;
+- per-type mean-expression r (models.evaluation.per_type_mean_r);
+- LFC recovery: per type, over the 200 genes with the largest real response in that type
+  (|mean log-normalised stim - control test|, from all stimulated cells of the type), the r
+  between (generated conditioned - generated unconditioned) and (real stimulated cells of the
+  sample - real control test cells); median over types with >= 10 cells in the sample;
+- type-specific recovery: the same after removing, gene by gene, the cell-weighted mean over
+  types from each type's LFC (a shared per-gene ratio scores 0 here);
+- the interferon genes' recovery per type: mean generated LFC / mean real LFC over a named set
+  (an evaluation gene list only: the method never sees it).
+Also: the shared per-gene ratio (real stim / real control pseudo-bulk applied to every type) as
+the floor of the LFC metric; the relative mode with the control test cells' pseudo-bulk as
+BULK_BASELINE; the same under a simulated platform (every gene x a fixed log-normal factor, in
+both sample and baseline); the reference's own test-cell bulk (AUROC change); and the fit's time
+at lung scale (16,000 genes, 17 types, a randomly initialised model).
+
+By default the true cell counts of each bulk go to stage 5 (as deconvolution/proportions.csv);
+``--stage4`` runs _2_ and _4_ (TAPE, minutes) on the bulks instead, once for the record.
+
+Run (heavy: take the shared lock):
+    flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_condition.py
+    flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_condition.py --part=timing
+Prints tables; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared" / "data"
+
+LUNG_GENES = 16_000
+LUNG_TYPES = 17
+N_TOP_RESPONSE = 200  # genes with the largest real response per type (the issue's metric)
+MIN_TYPE_CELLS = 10  # a type needs this many real cells in a sample for its LFC to count
+INTERFERON_GENES = ["ISG15", "IFI6", "IFIT1", "IFIT2", "IFIT3", "MX1", "OAS1", "LY6E", "IFITM3", "ISG20"]
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def run(cmd: list[str], log_path: Path) -> float:
+    """Wall seconds of a command in a fresh process; its output goes to ``log_path``."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))} failed (log {log_path}):\n{log_path.read_text()[-3000:]}")
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- data
+def read_kang():
+    """(cells x genes CSR counts, genes, obs with cell_type and condition)."""
+    from models import io
+
+    source = SHARED / "kang_ifnb"
+    counts = io.read_mtx(source / "matrix.mtx.gz").T.tocsr()
+    genes, barcodes = io.read_lines(source / "genes.tsv"), io.read_lines(source / "barcodes.tsv")
+    obs = pd.read_csv(source / "celltypes.csv").set_index("barcode").loc[barcodes]
+    return counts, genes, obs
+
+
+def prepare_reference(root: Path, counts, genes, obs) -> None:
+    """DATA_DIR/train and test: the control cells, stratified 75/25 with their labels."""
+    from models import io
+    from models.paths import Paths
+    from models.split import stratified_split
+
+    control = np.flatnonzero(obs["condition"].to_numpy() == "ctrl")
+    adata = io.make_anndata(counts[control], genes, obs.index[control], obs["cell_type"].to_numpy()[control])
+    train, test = stratified_split(adata.obs["cell_type"], 0.25, 123)
+    paths = Paths(root)
+    io.write_dataset(adata[train].copy(), paths.train_dir)
+    io.write_dataset(adata[test].copy(), paths.test_dir)
+
+
+def make_bulks(counts, genes, obs, n_cohort: int, cells_per_bulk: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Sample name -> indices of the stimulated cells behind it: all of them, then Dirichlet cohorts.
+
+    Each cohort sample draws type shares from a flat Dirichlet and takes that many stimulated
+    cells of each type without replacement (capped at what the type has).
+    """
+    rng = np.random.default_rng(seed)
+    stim = obs["condition"].to_numpy() == "stim"
+    types = obs["cell_type"].to_numpy()
+    names = sorted(pd.unique(types[stim]))
+    members = {name: np.flatnonzero(stim & (types == name)) for name in names}
+    bulks = {"stim_all": np.flatnonzero(stim)}
+    from models.generate import largest_remainder
+
+    for s in range(n_cohort):
+        wanted = largest_remainder(rng.dirichlet(np.ones(len(names))), cells_per_bulk)
+        chosen = [rng.choice(members[n], size=min(int(w), len(members[n])), replace=False)
+                  for n, w in zip(names, wanted)]
+        bulks[f"cohort{s:02d}"] = np.sort(np.concatenate(chosen))
+    return bulks
+
+
+def bulk_table(counts, genes, groups: dict[str, np.ndarray], factor: np.ndarray | None = None) -> pd.DataFrame:
+    """Samples x genes summed counts (times a per-gene ``factor``: a simulated platform)."""
+    rows = np.vstack([np.asarray(counts[idx].sum(axis=0)).ravel() for idx in groups.values()]).astype(np.float64)
+    if factor is not None:
+        rows = rows * factor[None, :]
+    return pd.DataFrame(rows, index=list(groups), columns=genes)
+
+
+def type_shares(obs, groups: dict[str, np.ndarray], cell_types: list[str]) -> pd.DataFrame:
+    types = obs["cell_type"].to_numpy()
+    return pd.DataFrame([[np.mean(types[idx] == t) for t in cell_types] for idx in groups.values()],
+                        index=list(groups), columns=cell_types)
+
+
+# ----------------------------------------------------------------------------- scoring
+def type_means(normed, types: np.ndarray, cell_types: list[str]) -> dict[str, np.ndarray]:
+    return {t: np.asarray(normed[types == t].mean(axis=0)).ravel() for t in cell_types if (types == t).any()}
+
+
+def read_generated(folder: Path):
+    from models import io
+
+    data = io.read_dataset(folder)
+    return data.X, data.obs["cell_type"].astype(str).to_numpy()
+
+
+def score_sample(real, real_types, control_means, generated, generated_types, unconditioned_means,
+                 top_genes: dict[str, np.ndarray], cell_types, gene_index: dict[str, int], seed: int = 0) -> dict:
+    """The issue's metrics of one sample's generated cells against its real stimulated cells."""
+    from models import evaluation
+    from models.metrics import pearson_r
+
+    real_normed, generated_normed = evaluation.log_normalize(real), evaluation.log_normalize(generated)
+    hvg = evaluation.top_variable_genes(real_normed, 2000)
+    auroc = evaluation.classifier_auroc(real_normed[:, hvg], generated_normed[:, hvg], seed=seed)
+    per_type = evaluation.per_type_mean_r(real_normed, real_types, generated_normed, generated_types)
+    real_means = type_means(real_normed, real_types, cell_types)
+    generated_means = type_means(generated_normed, generated_types, cell_types)
+    counted = [t for t in cell_types if (real_types == t).sum() >= MIN_TYPE_CELLS and t in generated_means]
+    real_lfc = {t: real_means[t] - control_means[t] for t in counted}
+    generated_lfc = {t: generated_means[t] - unconditioned_means[t] for t in counted}
+    weights = np.array([(real_types == t).sum() for t in counted], dtype=np.float64)
+    weights /= weights.sum()
+    real_mean_lfc = sum(w * real_lfc[t] for w, t in zip(weights, counted))
+    generated_mean_lfc = sum(w * generated_lfc[t] for w, t in zip(weights, counted))
+    lfc_r = {t: pearson_r(generated_lfc[t][top_genes[t]], real_lfc[t][top_genes[t]]) for t in counted}
+    specific_r = {t: pearson_r((generated_lfc[t] - generated_mean_lfc)[top_genes[t]],
+                               (real_lfc[t] - real_mean_lfc)[top_genes[t]]) for t in counted}
+    isg = [gene_index[g] for g in INTERFERON_GENES if g in gene_index]
+    isg_recovery = {t: float(generated_lfc[t][isg].mean() / real_lfc[t][isg].mean()) for t in counted}
+    return {"auroc": auroc, "per_type_mean_r": float(np.median(list(per_type.values()))),
+            "lfc_r": float(np.median(list(lfc_r.values()))), "specific_r": float(np.median(list(specific_r.values()))),
+            "lfc_r_types": lfc_r, "specific_r_types": specific_r, "isg_recovery": isg_recovery}
+
+
+def real_vs_real_auroc(real, seed: int = 0) -> float:
+    from models import evaluation
+
+    normed = evaluation.log_normalize(real)
+    hvg = evaluation.top_variable_genes(normed, 2000)
+    first, second = evaluation.halves(real.shape[0], seed)
+    return evaluation.classifier_auroc(normed[first][:, hvg], normed[second][:, hvg], seed=seed)
+
+
+# ----------------------------------------------------------------------------- runs
+def stage5(root: Path, work: Path, name: str, extra: list[str]) -> tuple[Path, float]:
+    """Run _5_ on ``root`` (EVALUATE=false), move generated/ to work/<name>; (folder, wall s)."""
+    from models.paths import Paths
+
+    paths = Paths(root)
+    shutil.rmtree(paths.generated_dir, ignore_errors=True)
+    wall = run([sys.executable, str(REPO / "_5_generate_sc.py"), f"--DATA_DIR={root}", f"--FIG_DIR={work / 'fig'}",
+                "--EVALUATE=false", "--TORCH_THREADS=2", *extra], work / f"{name}.log")
+    target = work / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.move(str(paths.generated_dir), target)
+    return target, wall
+
+
+def score_run(folder: Path, unconditioned: Path, groups, counts, obs, control_means, top, cell_types, gene_index,
+              several: bool) -> pd.DataFrame:
+    from models import evaluation
+
+    rows = {}
+    stim_types = obs["cell_type"].to_numpy()
+    for name, idx in groups.items():
+        sub = (lambda f: f / name) if several else (lambda f: f)
+        generated, generated_types = read_generated(sub(folder))
+        plain, plain_types = read_generated(sub(unconditioned))
+        plain_means = type_means(evaluation.log_normalize(plain), plain_types, cell_types)
+        rows[name] = score_sample(counts[idx], stim_types[idx], control_means, generated, generated_types,
+                                  plain_means, top, cell_types, gene_index)
+    return pd.DataFrame(rows).T
+
+
+def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int) -> None:
+    from models import evaluation, io
+    from models.paths import Paths
+
+    root = work / "kang"
+    paths = Paths(root)
+    counts, genes, obs = read_kang()
+    if retrain or not paths.gmvae_checkpoint.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        prepare_reference(root, counts, genes, obs)
+        wall = run([sys.executable, str(REPO / "_3_train_gmvae.py"), f"--DATA_DIR={root}",
+                    f"--FIG_DIR={work / 'fig'}"], work / "train.log")
+        print(f"_3_train_gmvae.py (defaults) on the control cells: {wall:.0f} s", flush=True)
+    test = io.read_dataset(paths.test_dir)
+    cell_types = io.read_type_order(paths.train_dir / "clusters.csv")
+    control_types = test.obs["cell_type"].astype(str).to_numpy()
+    control_means = type_means(evaluation.log_normalize(test.X), control_types, cell_types)
+    stim = np.flatnonzero(obs["condition"].to_numpy() == "stim")
+    stim_means = type_means(evaluation.log_normalize(counts[stim]), obs["cell_type"].to_numpy()[stim], cell_types)
+    top = {t: np.argsort(-np.abs(stim_means[t] - control_means[t]), kind="stable")[:N_TOP_RESPONSE]
+           for t in cell_types}
+    gene_index = {g: i for i, g in enumerate(genes)}
+
+    groups = make_bulks(counts, genes, obs, n_cohort, cells_per_bulk)
+    bulks = work / "bulks"
+    bulks.mkdir(exist_ok=True)
+    bulk_table(counts, genes, groups).to_csv(bulks / "stim.csv")
+    rng = np.random.default_rng(7)
+    platform_factor = np.exp(rng.normal(0.0, 1.0, len(genes)))  # a simulated other platform: one factor per gene
+    bulk_table(counts, genes, groups, platform_factor).to_csv(bulks / "stim_platform.csv")
+    control = {"control_test": np.flatnonzero(obs.index.isin(test.obs_names))}
+    bulk_table(counts, genes, control).to_csv(bulks / "control.csv")
+    bulk_table(counts, genes, control, platform_factor).to_csv(bulks / "control_platform.csv")
+    # the true proportions stand in for stage 4's (see the docstring); bulk.json as stage 4 writes it
+    shares = type_shares(obs, groups, cell_types)
+    shares.index.name = "sample"
+    paths.deconvolution_dir.mkdir(parents=True, exist_ok=True)
+    shares.to_csv(paths.proportions)
+    paths.bulk_record.write_text(json.dumps({"path": str(bulks / "stim.csv"), "unit": "counts", "protocol": "umi",
+                                             "reference_protocol": "umi"}))
+    common = [f"--N_CELLS={cells_per_bulk}"]
+    runs = {}
+    none, wall = stage5(root, work, "none", common + ["--CONDITION=none", "--FIGURES=false"])
+    print(f"_5_ CONDITION=none: {wall:.0f} s ({len(groups)} samples x {cells_per_bulk} cells)", flush=True)
+    variants = {
+        "auto (absolute)": common,
+        "shared factor only": common + ["--CONDITION_TYPE_PENALTY=1e6", "--FIGURES=false"],
+        "relative, baseline = control test bulk": common + [f"--BULK_BASELINE={bulks / 'control.csv'}",
+                                                            "--FIGURES=false"],
+        "platform x factor: relative": common + [f"--BULK={bulks / 'stim_platform.csv'}",
+                                                 f"--BULK_BASELINE={bulks / 'control_platform.csv'}",
+                                                 "--FIGURES=false"],
+        "platform x factor: absolute": common + [f"--BULK={bulks / 'stim_platform.csv'}", "--CONDITION=absolute",
+                                                 "--FIGURES=false"],
+    }
+    for label, extra in variants.items():
+        folder, wall = stage5(root, work, label.split()[0].strip(",:") + str(len(runs)), extra)
+        runs[label] = score_run(folder, none, groups, counts, obs, control_means, top, cell_types, gene_index, True)
+        print(f"_5_ {label}: {wall:.0f} s", flush=True)
+    runs["unconditioned"] = score_run(none, none, groups, counts, obs, control_means, top, cell_types, gene_index,
+                                      True)
+    real_auroc = {name: real_vs_real_auroc(counts[idx]) for name, idx in list(groups.items())[:3]}
+
+    print(f"\nKang IFN-beta: GMVAE on {test.n_obs * 3} control cells (75 %), bulks of stimulated cells: stim_all "
+          f"(all {len(groups['stim_all'])}) and {n_cohort} Dirichlet pseudo-bulks of {cells_per_bulk} cells; "
+          f"{cells_per_bulk} cells generated per sample with the true proportions")
+    print("| run | AUROC stim_all | AUROC cohort | per-type mean r (cohort) | LFC r stim_all | LFC r cohort | "
+          "type-specific r stim_all | type-specific r cohort |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, table in runs.items():
+        cohort = table.drop(index="stim_all")
+        lfc = "" if label == "unconditioned" else (f"{table.loc['stim_all', 'lfc_r']:.3f} | "
+                                                  f"{cohort['lfc_r'].astype(float).mean():.3f} | "
+                                                  f"{table.loc['stim_all', 'specific_r']:.3f} | "
+                                                  f"{cohort['specific_r'].astype(float).mean():.3f}")
+        print(f"| {label} | {table.loc['stim_all', 'auroc']:.3f} | {cohort['auroc'].astype(float).mean():.3f} | "
+              f"{cohort['per_type_mean_r'].astype(float).mean():.3f} | {lfc or ' | | | '} |")
+    print(f"| real vs real (halves) | {real_auroc['stim_all']:.3f} | "
+          f"{np.mean([v for k, v in real_auroc.items() if k != 'stim_all']):.3f} (2 samples) | | | | | |")
+    auto = runs["auto (absolute)"]
+    print("\nper type, stim_all (auto): LFC r / type-specific r / interferon-gene recovery (generated / real LFC)")
+    for t in cell_types:
+        if t in auto.loc["stim_all", "lfc_r_types"]:
+            print(f"  {t:16s} {auto.loc['stim_all', 'lfc_r_types'][t]:.3f} / "
+                  f"{auto.loc['stim_all', 'specific_r_types'][t]:.3f} / {auto.loc['stim_all', 'isg_recovery'][t]:.2f}")
+    own_bulk(root, work, test, cell_types)
+
+
+def own_bulk(root: Path, work: Path, test, cell_types) -> None:
+    """The reference's own test-cell bulk: conditioning must change the AUROC against the test cells by <= 0.01."""
+    import scipy.sparse as sp
+
+    bulk = pd.DataFrame(np.asarray(sp.csr_matrix(test.X).sum(axis=0)), index=["control_test"],
+                        columns=[str(g) for g in test.var_names])
+    bulk.to_csv(work / "bulks" / "own.csv")
+    counts = test.obs["cell_type"].astype(str).value_counts().rename_axis("cell_type").reset_index(name="n_cells")
+    counts.to_csv(work / "bulks" / "own_counts.csv", index=False)
+    result = {}
+    for condition in ("none", "auto"):
+        from models.paths import Paths
+
+        shutil.rmtree(Paths(root).generated_dir, ignore_errors=True)
+        run([sys.executable, str(REPO / "_5_generate_sc.py"), f"--DATA_DIR={root}", f"--FIG_DIR={work / 'fig'}",
+             f"--CELL_COUNTS={work / 'bulks' / 'own_counts.csv'}", f"--BULK={work / 'bulks' / 'own.csv'}",
+             f"--CONDITION={condition}", "--FIGURES=false", "--TORCH_THREADS=2"], work / f"own_{condition}.log")
+        result[condition] = json.loads(Paths(root).generated_metrics.read_text())
+    fit = result["auto"]["condition"]
+    print(f"\nthe reference's own test-cell bulk ({test.n_obs} cells): AUROC vs the test cells "
+          f"{result['none']['gmvae']['auroc']:.4f} unconditioned -> {result['auto']['gmvae']['auroc']:.4f} "
+          f"conditioned; r(bulk, pseudo-bulk) {fit['r_before']:.4f} -> {fit['r_after']:.4f}; "
+          f"mean |log fold change| {fit['mean_abs_log_fold_change']:.4f}")
+
+
+def timing(n_samples: int) -> None:
+    """The fit alone at lung scale: a randomly initialised GMVAE (16,000 genes, 17 types), random bulks."""
+    import torch
+
+    from models import condition, generate
+    from models.gmvae import GMVAE
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = GMVAE(LUNG_GENES, LUNG_TYPES)
+    rng = np.random.default_rng(0)
+    cells = np.vstack([generate.largest_remainder(rng.dirichlet(np.ones(LUNG_TYPES)), 2500) for _ in range(n_samples)])
+    profiles = rng.gamma(0.5, 1.0, (n_samples, LUNG_GENES))
+    profiles /= profiles.sum(1, keepdims=True)
+    shared = np.ones(LUNG_GENES, bool)
+    print(f"\nfit time at lung scale ({LUNG_GENES:,} genes, {LUNG_TYPES} types, 2 threads):")
+    for latent in (False, True):
+        for n in ((1, n_samples) if not latent else (1,)):
+            start = time.perf_counter()
+            condition.fit_conditions(model, cells[:n], profiles[:n], shared, "absolute",
+                                     generate.block_generator(0, 2_000_000, 0),
+                                     condition.ConditionSettings(latent=latent), prior="learned")
+            wall = time.perf_counter() - start
+            print(f"  CONDITION_LATENT={latent}: {n:3d} samples in {wall:6.1f} s = {wall / n:5.2f} s per sample",
+                  flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["fidelity", "timing", "all"], default="all")
+    parser.add_argument("--work", default="/tmp/bulk2sc_bench_condition")
+    parser.add_argument("--retrain", action="store_true", help="rebuild the control split and retrain the GMVAE")
+    parser.add_argument("--cohort", type=int, default=20, help="Dirichlet pseudo-bulks")
+    parser.add_argument("--cells", type=int, default=1000, help="cells per cohort bulk and generated per sample")
+    parser.add_argument("--timing-samples", type=int, default=20)
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"machine: {machine()}\n", flush=True)
+    if args.part in ("fidelity", "all"):
+        if not (SHARED / "kang_ifnb").is_dir():
+            sys.exit(f"{SHARED / 'kang_ifnb'} is absent")
+        fidelity(work, args.retrain, args.cohort, args.cells)
+    if args.part in ("timing", "all"):
+        timing(args.timing_samples)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""Conditioning the generator on a bulk sample's expression, not only its proportions.
+
+Without it, two bulks of the same composition (one from resting, one from stimulated cells)
+give the same cells. Here each bulk sample s gets, per cell type k, a shift that makes the
+expected pseudo-bulk of its generated cells reproduce the bulk:
+
+    log E[mean count of gene g in a type-k cell of sample s]
+        = log m_kg(z + u_sk)  +  d_kg  +  e_sg
+
+- ``m_kg(z + u_sk)``: the frozen decoder's mean (with stage 3's calibration), averaged over
+  fixed draws of the type's z prior moved by a latent shift ``u_sk`` [K, Z]. The shift is
+  penalised by its Mahalanobis length under the type's prior, so a type's cells stay that type
+  (the GMVAE's own assignment pi is checked on the conditioned cells);
+- ``e_sg``: a per-sample, per-gene log factor shared by every type (what one bulk identifies
+  best: the sample's overall change of each gene);
+- ``d_kg``: a per-type, per-gene deviation from that shared factor, fitted jointly over all the
+  samples given together (the regression behind CIBERSORTx high resolution and bMIND:
+  bulk_s(g) ~ sum_k n_sk mu_k(g) exp(delta_kg)); proportions that vary across samples make it
+  identifiable. It is shrunk to zero (a ridge), so with one bulk, or a type too rare to be seen,
+  it falls back to the shared factor.
+
+The fit matches log(profile + PSEUDO) over the genes the bulk and the model share, where a
+profile is expression normalised to sum 1 over those genes (so library size and sequencing depth
+drop out; UMI counts, CPM or TPM all work):
+
+- **absolute**: the bulk's own profile (a bulk from the reference's platform);
+- **relative**: the model's unshifted pseudo-bulk of a baseline, times the ratio of the sample's
+  profile to the baseline's (a ``BULK_BASELINE`` of control samples, or the cohort's mean).
+  Gene-wise platform factors (length bias, capture efficiency) cancel in the ratio.
+
+Pure functions on tensors and arrays; stage 5 does the I/O. Seeded: the same generator seed
+gives the same fit.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models.utils import InputError
+
+log = logging.getLogger(__name__)
+
+MODES = ("absolute", "relative")
+
+
+@dataclass
+class ConditionSettings:
+    """How the shifts are fitted (stage 5's CONDITION_* settings)."""
+
+    latent: bool = False  # fit the latent shift u [K, Z] through the decoder (10x slower; no gain on Kang)
+    latent_penalty: float = 0.01  # x mean_k |L_k^-1 u_k|^2 (L: Cholesky of the type's prior covariance)
+    gene_penalty: float = 1e-3  # x mean_g c_g^2 (the per-gene factor every sample shares: weak, the bulks identify it)
+    sample_penalty: float = 0.1  # x mean_sg e_sg^2 (each sample's own per-gene factor, over c)
+    type_penalty: float = 0.003  # x mean_kg d_kg^2 (the per-type deviation: shrunk to the shared factor)
+    pseudo: float = 1e-5  # added to profiles (which sum to 1) before the log: ~10 per million
+    n_draws: int = 32  # fixed z draws per type for the latent fit's expectation
+    n_base_draws: int = 256  # z draws per type for the unshifted type profiles
+    latent_steps: int = 60  # Adam steps of the per-sample latent fit
+    gene_steps: int = 1000  # Adam steps of the per-gene fit (300 left Kang unconverged: type-specific r 0.39 vs 0.53)
+    lr: float = 0.05
+    max_log_shift: float = math.log(1000.0)  # the per-gene log factors are clipped to this (a safety bound)
+    tolerance: float = 1e-3  # relative loss change over the last tenth of the steps: above = not converged
+    frequency: bool = True  # a gene shift changes burst frequency (theta, dropout odds move too: GMVAE.generative_params)
+
+
+@dataclass
+class SampleCondition:
+    """One sample's fitted conditioning (CPU float32 tensors) and its diagnostics."""
+
+    z_shift: torch.Tensor  # [K, Z] added to z before the decoder
+    log_mean_shift: torch.Tensor  # [K, G] added to the log means after the decoder (d_k + e_s)
+    log_fold_change: torch.Tensor  # [K, G] total change of each type's expected mean (latent + genes)
+    r_before: float  # r(log profile of the target, of the unconditioned pseudo-bulk) over shared genes
+    r_after: float  # the same for the conditioned pseudo-bulk
+    residual: float  # mean squared log residual after the fit
+    converged: bool
+    diagnostics: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"r_before": self.r_before, "r_after": self.r_after, "residual": self.residual,
+                "converged": self.converged, **self.diagnostics}
+
+
+# ----------------------------------------------------------------------------- bulk -> profiles
+def bulk_profiles(bulk: pd.DataFrame, genes, min_shared_genes: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(profiles [S, G] float64, shared [G] bool) of a samples x genes bulk over the model's ``genes``.
+
+    Each row is normalised to sum 1 over the genes it shares with the model; genes the bulk
+    lacks get 0 and ``shared`` False. Fewer than ``min_shared_genes`` shared is an InputError
+    naming ``source``.
+    """
+    genes = pd.Index([str(g) for g in genes])
+    columns = pd.Index([str(c) for c in bulk.columns])
+    shared = genes.isin(columns)
+    if int(shared.sum()) < min_shared_genes:
+        raise InputError(f"{source}: only {int(shared.sum())} of its genes are among the GMVAE's {len(genes)} "
+                         f"(CONDITION_MIN_GENES={min_shared_genes}); check the gene naming (symbols vs Ensembl "
+                         "IDs) and the orientation, or pass --CONDITION=none")
+    values = bulk.set_axis(columns, axis=1).reindex(columns=genes).to_numpy(dtype=np.float64)
+    values = np.where(shared[None, :], np.nan_to_num(values), 0.0)
+    totals = values.sum(axis=1, keepdims=True)
+    if (totals <= 0).any():
+        bad = [str(s) for s in np.asarray(bulk.index)[totals[:, 0] <= 0][:3]]
+        raise InputError(f"{source}: samples {bad} have no expression on the GMVAE's genes")
+    return values / totals, shared
+
+
+# ----------------------------------------------------------------------------- the frozen model
+def _expected_means(model, z: torch.Tensor, log_calibration: torch.Tensor) -> torch.Tensor:
+    """E[count] per (draw, gene) = (1 - dropout) x mean, [N, G], with the calibration's log factor [N, G]."""
+    log_mu, _, zi_logits = model.decode(z)
+    log_mu = log_mu.float() + log_calibration
+    if zi_logits is not None:
+        log_mu = log_mu + torch.nn.functional.logsigmoid(-zi_logits.float())
+    return log_mu
+
+
+def latent_draws(model, n_draws: int, noise_scale: float, prior: str, generator: torch.Generator) -> torch.Tensor:
+    """Fixed z draws [K, n_draws, Z] from each type's prior (the sampler's ``prior``, ``noise_scale``)."""
+    codes = torch.arange(model.n_types).repeat_interleave(n_draws).to(model.onehot.device)
+    z, _ = model.draw_prior(codes, generator, noise_scale, source=prior)
+    return z.reshape(model.n_types, n_draws, model.z_dim)
+
+
+@torch.no_grad()
+def type_log_means(model, z: torch.Tensor, calibrate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log E[mean], effective dropout logits), each [K, G], of each type's cells over the draws ``z`` [K, M, Z].
+
+    The expected count is E[(1 - dropout) x mean] = exp(log E[mean]) x sigmoid(-logits): the
+    logits are those of one dropout probability that gives the same expectation.
+    """
+    log_means, logits = [], []
+    for k in range(model.n_types):
+        calibration = model.mean_log_ratio[k] if calibrate else torch.zeros(model.n_genes, device=z.device)
+        log_mu, _, zi_logits = model.decode(z[k])
+        log_mu = log_mu.float() + calibration
+        mean = torch.logsumexp(log_mu, 0) - math.log(z.shape[1])
+        if zi_logits is None:
+            keep = torch.zeros_like(mean)
+        else:
+            keep = torch.logsumexp(log_mu + torch.nn.functional.logsigmoid(-zi_logits.float()), 0) - math.log(
+                z.shape[1]) - mean
+        keep = keep.clamp(max=-1e-7)
+        log_means.append(mean)
+        logits.append(torch.log(-torch.expm1(keep)) - keep)
+    return torch.stack(log_means), torch.stack(logits)
+
+
+def expected_log_means(log_means: torch.Tensor, logits: torch.Tensor, gene_shift, frequency: bool) -> torch.Tensor:
+    """log E[count] after a per-gene log shift of the mean (with ``frequency``, of the dropout odds too).
+
+    Mirrors ``GMVAE.generative_params``: log mean + shift, dropout logits - shift.
+    """
+    return log_means + gene_shift + torch.nn.functional.logsigmoid(-(logits - gene_shift if frequency else logits))
+
+
+def prior_whitener(model, prior: str, noise_scale: float) -> torch.Tensor:
+    """[K, Z, Z] inverse Cholesky factors of the types' z priors: |W_k u| is u's Mahalanobis length."""
+    if prior == "posterior" and bool(model.post_fitted):
+        chol = model.post_chol * noise_scale
+    else:
+        _, p_logvar = model.prior_params()
+        chol = torch.diag_embed(torch.exp(0.5 * p_logvar) * noise_scale)
+    eye = torch.eye(model.z_dim, device=chol.device).expand_as(chol)
+    return torch.linalg.solve_triangular(chol.detach().float(), eye, upper=False)
+
+
+# ----------------------------------------------------------------------------- targets
+def log_profile(profiles: torch.Tensor, pseudo: float) -> torch.Tensor:
+    return torch.log(profiles + pseudo)
+
+
+def pseudo_bulk_profile(log_means: torch.Tensor, cells: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """Profiles [S, G] (sum 1 over ``shared``) of sum_k cells[s, k] exp(log_means[s, k, g]).
+
+    log_means: [S, K, G] or [K, G]; cells: [S, K] cell counts (or shares).
+    """
+    log_cells = torch.log(cells.clamp_min(0.0))[:, :, None]
+    log_bulk = torch.logsumexp(log_cells + log_means, dim=1)  # [S, G]
+    log_bulk = log_bulk.masked_fill(~shared, -math.inf)
+    return torch.exp(log_bulk - torch.logsumexp(log_bulk, dim=1, keepdim=True))
+
+
+def fit_composition(log_means: torch.Tensor, target: torch.Tensor, shared: torch.Tensor, pseudo: float,
+                    steps: int = 300, lr: float = 0.1) -> torch.Tensor:
+    """Type shares [K] whose unshifted pseudo-bulk best matches the log profile ``target`` [G].
+
+    For a baseline bulk whose composition is not given: the same log-profile loss as the fit.
+    """
+    logits = torch.zeros(1, log_means.shape[0], requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        pred = log_profile(pseudo_bulk_profile(log_means, torch.softmax(logits, -1), shared), pseudo)
+        loss = ((pred - target) ** 2)[:, shared].mean()
+        loss.backward()
+        optimizer.step()
+    return torch.softmax(logits.detach(), -1)[0]
+
+
+def relative_targets(log_means: torch.Tensor, profiles: torch.Tensor, baseline: torch.Tensor,
+                     baseline_cells: torch.Tensor, shared: torch.Tensor, pseudo: float) -> torch.Tensor:
+    """Log-profile targets [S, G] of the relative mode.
+
+    The model's own unshifted pseudo-bulk of the baseline (composition ``baseline_cells`` [K]),
+    times the sample's ratio to the baseline profile [G]: what the sample would look like on
+    the reference's platform, if the platform's effect is a factor per gene.
+    """
+    model_baseline = log_profile(pseudo_bulk_profile(log_means, baseline_cells[None, :], shared), pseudo)
+    return model_baseline + log_profile(profiles, pseudo) - log_profile(baseline[None, :], pseudo)
+
+
+def pearson(first: torch.Tensor, second: torch.Tensor) -> float:
+    first, second = first.double() - first.double().mean(), second.double() - second.double().mean()
+    denominator = float(first.norm() * second.norm())
+    return float((first * second).sum()) / denominator if denominator > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------- the fit
+def _converged(losses: list[float], tolerance: float) -> bool:
+    tail = max(2, len(losses) // 10)
+    if len(losses) < 2 * tail:
+        return True
+    before, after = losses[-tail], losses[-1]
+    return (before - after) <= tolerance * max(abs(before), 1e-12)
+
+
+def fit_latent(model, z: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor], calibrate: bool,
+               whitener: torch.Tensor, cells: torch.Tensor, target: torch.Tensor, shared: torch.Tensor,
+               settings: ConditionSettings) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """One sample's latent shift u [K, Z] (with a shared per-gene factor alongside), through the decoder.
+
+    z: [K, M, Z] fixed draws; base: :func:`type_log_means` of more draws; cells [K];
+    target: [G] log profile. The shifted means are base + (log E over the draws at z + u) - (the
+    same at z): the change is estimated with common random numbers, the level keeps ``base``'s
+    precision. Returns (u, change of the type log means [K, G], losses).
+    """
+    n_types, n_draws, z_dim = z.shape
+    flat = z.reshape(-1, z_dim)
+    codes = torch.arange(n_types, device=z.device).repeat_interleave(n_draws)
+    calibration = (model.mean_log_ratio if calibrate else torch.zeros_like(model.mean_log_ratio))[codes]
+
+    def change_at(shift):
+        shifted = _expected_means(model, flat + shift[codes], calibration).reshape(n_types, n_draws, -1)
+        return torch.logsumexp(shifted, 1) - at_zero
+
+    with torch.no_grad():
+        at_zero = torch.logsumexp(_expected_means(model, flat, calibration).reshape(n_types, n_draws, -1), 1)
+    shift = torch.zeros(n_types, z_dim, requires_grad=True)
+    gene = torch.zeros(model.n_genes, requires_grad=True)
+    optimizer = torch.optim.Adam([shift, gene], lr=settings.lr)
+    losses = []
+    for _ in range(settings.latent_steps):
+        optimizer.zero_grad()
+        log_means = expected_log_means(base[0], base[1], gene[None, :], settings.frequency) + change_at(shift)
+        pred = log_profile(pseudo_bulk_profile(log_means, cells[None, :], shared), settings.pseudo)[0]
+        fit = ((pred - target) ** 2)[shared].mean()
+        penalty = settings.latent_penalty * (torch.einsum("kij,kj->ki", whitener, shift) ** 2).sum(-1).mean()
+        loss = fit + penalty + settings.gene_penalty * (gene ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        change = change_at(shift)
+    return shift.detach(), change, losses
+
+
+def fit_genes(base: tuple[torch.Tensor, torch.Tensor], changes: torch.Tensor, cells: torch.Tensor,
+              targets: torch.Tensor, shared: torch.Tensor,
+              settings: ConditionSettings) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Per-type deviations d [K, G] and per-sample gene factors c + e_s [S, G], fitted jointly.
+
+    The shift of type k in sample s is c_g + d_kg + e_sg: c (weak ridge) is what every sample
+    and type share, d (``type_penalty``) what a type adds, shared by the samples, and e
+    (``sample_penalty``) a sample's own change, shared by its types. A sample can only move d
+    away from c through its composition, so d is identified by proportions that vary.
+
+    base: :func:`type_log_means`; changes: [S, K, G] each sample's latent change of the type log
+    means; cells: [S, K]; targets: [S, G] log profiles. Minimises mean_s mean_g (log profile -
+    target)^2 plus the ridges.
+    """
+    n_samples, n_types, n_genes = changes.shape
+    common = torch.zeros(n_genes, requires_grad=True)
+    types = torch.zeros(n_types, n_genes, requires_grad=True)
+    samples = torch.zeros(n_samples, n_genes, requires_grad=True)
+    optimizer = torch.optim.Adam([common, types, samples], lr=settings.lr)
+    losses = []
+    for _ in range(settings.gene_steps):
+        optimizer.zero_grad()
+        shift = common + types[None] + samples[:, None, :]
+        log_means = expected_log_means(base[0][None], base[1][None], shift, settings.frequency) + changes
+        pred = log_profile(pseudo_bulk_profile(log_means, cells, shared), settings.pseudo)
+        fit = ((pred - targets) ** 2)[:, shared].mean()
+        loss = (fit + settings.gene_penalty * (common ** 2).mean() + settings.type_penalty * (types ** 2).mean()
+                + settings.sample_penalty * (samples ** 2).mean())
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return types.detach(), (common[None] + samples).detach(), losses
+
+
+def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.ndarray, mode: str,
+                   generator: torch.Generator, settings: ConditionSettings | None = None,
+                   noise_scale: float = 1.0, prior: str = "posterior", calibrate: bool = True,
+                   baseline: np.ndarray | None = None, baseline_cells: np.ndarray | None = None,
+                   ) -> list[SampleCondition]:
+    """Fit every sample's conditioning; one :class:`SampleCondition` per row of ``profiles``.
+
+    model: the frozen GMVAE (CPU; its parameters are set to requires_grad=False); cells: [S, K]
+    cell counts per sample and type (the cells to be generated); profiles: [S, G] bulk profiles
+    from :func:`bulk_profiles`; shared: [G] bool; mode: "absolute" or "relative". Relative:
+    ``baseline`` [G] is the baseline's profile (None = the mean of ``profiles``) and
+    ``baseline_cells`` [K] its composition (None: the samples' mean composition with the cohort
+    mean; fitted to the baseline's profile when a baseline is given). ``noise_scale``, ``prior``,
+    ``calibrate``: the sampler's, so the fit sees the cells that will be drawn.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    settings = settings or ConditionSettings()
+    start = time.perf_counter()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    cells_t = torch.as_tensor(np.asarray(cells, dtype=np.float64), dtype=torch.float32)
+    profiles_t = torch.as_tensor(np.asarray(profiles), dtype=torch.float32)
+    shared_t = torch.as_tensor(np.asarray(shared, dtype=bool))
+    shares = cells_t / cells_t.sum(1, keepdim=True).clamp_min(1.0)
+    base = type_log_means(model, latent_draws(model, settings.n_base_draws, noise_scale, prior, generator), calibrate)
+    unshifted_means = expected_log_means(base[0], base[1], 0.0, False)
+    if mode == "absolute":
+        targets = log_profile(profiles_t, settings.pseudo)
+    else:
+        if baseline is None:
+            baseline_t = profiles_t.mean(0)
+            composition = shares.mean(0) if baseline_cells is None else torch.as_tensor(baseline_cells).float()
+        else:
+            baseline_t = torch.as_tensor(np.asarray(baseline), dtype=torch.float32)
+            composition = (torch.as_tensor(np.asarray(baseline_cells)).float() if baseline_cells is not None else
+                           fit_composition(unshifted_means, log_profile(baseline_t, settings.pseudo)[None], shared_t,
+                                           settings.pseudo))
+            log.info("baseline composition (fitted to the baseline bulk with the model's type profiles): %s",
+                     ", ".join(f"{float(v):.3f}" for v in composition))
+        targets = relative_targets(unshifted_means, profiles_t, baseline_t, composition / composition.sum(), shared_t,
+                                   settings.pseudo)
+    unshifted = log_profile(pseudo_bulk_profile(unshifted_means, shares, shared_t), settings.pseudo)
+
+    n_samples = len(cells_t)
+    z_shifts = torch.zeros(n_samples, model.n_types, model.z_dim)
+    changes = torch.zeros(n_samples, model.n_types, model.n_genes)
+    latent_losses = [[] for _ in range(n_samples)]
+    whitener = prior_whitener(model, prior, noise_scale)
+    if settings.latent:
+        z = latent_draws(model, settings.n_draws, noise_scale, prior, generator)
+        for s in range(n_samples):
+            z_shifts[s], changes[s], latent_losses[s] = fit_latent(model, z, base, calibrate, whitener, shares[s],
+                                                                   targets[s], shared_t, settings)
+    types, genes, gene_losses = fit_genes(base, changes, shares, targets, shared_t, settings)
+    gene_shift = (types[None] + genes[:, None, :]).clamp(-settings.max_log_shift, settings.max_log_shift)
+    log_means = expected_log_means(base[0][None], base[1][None], gene_shift, settings.frequency) + changes
+    conditioned = log_profile(pseudo_bulk_profile(log_means, shares, shared_t), settings.pseudo)
+    seconds = time.perf_counter() - start
+
+    results = []
+    converged_all = _converged(gene_losses, settings.tolerance)
+    for s in range(n_samples):
+        residual = float(((conditioned[s] - targets[s]) ** 2)[shared_t].mean())
+        converged = converged_all and (not settings.latent or _converged(latent_losses[s], settings.tolerance))
+        whitened = torch.einsum("kij,kj->ki", whitener, z_shifts[s]).norm(dim=-1)
+        results.append(SampleCondition(
+            z_shift=z_shifts[s], log_mean_shift=gene_shift[s], log_fold_change=log_means[s] - unshifted_means,
+            r_before=pearson(unshifted[s][shared_t], targets[s][shared_t]),
+            r_after=pearson(conditioned[s][shared_t], targets[s][shared_t]),
+            residual=residual, converged=converged,
+            diagnostics={"mode": mode, "n_shared_genes": int(shared_t.sum()), "seconds": seconds / n_samples,
+                         "mean_abs_log_fold_change": float((log_means[s] - unshifted_means).abs().mean()),
+                         "latent_shift_sd": [float(v) for v in whitened]}))
+    return results
+
+
+# ----------------------------------------------------------------------------- checks
+@torch.no_grad()
+def own_type_share(model, sampler, n_types: int, n_per_type: int, generator: torch.Generator) -> list[float]:
+    """Per type, the share of ``n_per_type`` cells drawn by ``sampler`` that the GMVAE's pi calls that type."""
+    codes = torch.arange(n_types).repeat_interleave(n_per_type)
+    counts = sampler(codes, generator)
+    counts = torch.as_tensor(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=torch.float32)
+    called = model.class_logits(counts.to(model.onehot.device)).argmax(-1).cpu()
+    return [float((called[codes == k] == k).float().mean()) for k in range(n_types)]
+
+
+def top_shifted_genes(log_fold_change: np.ndarray, genes, cell_types, n_genes: int = 10) -> dict[str, pd.Series]:
+    """Per type, the ``n_genes`` genes with the largest |log fold change| (signed values, by size)."""
+    genes = np.asarray([str(g) for g in genes])
+    out = {}
+    for k, name in enumerate(cell_types):
+        order = np.argsort(-np.abs(log_fold_change[k]), kind="stable")[:n_genes]
+        out[str(name)] = pd.Series(log_fold_change[k][order], index=genes[order])
+    return out
+
+
+# ----------------------------------------------------------------------------- stage 5's choices
+def choose_mode(requested: str, record: dict | None, has_baseline: bool, n_samples: int) -> tuple[str | None, str]:
+    """(mode or None = do not condition, why) from CONDITION, stage 4's bulk record and the inputs.
+
+    ``record``: stage 4's deconvolution/bulk.json for this bulk ({"protocol", "reference_protocol"}),
+    or None when the bulk did not come through stage 4.
+    """
+    if requested not in ("auto", "none", *MODES):
+        raise InputError(f"CONDITION must be 'auto', 'absolute', 'relative' or 'none', got {requested!r}")
+    if requested == "none":
+        return None, "CONDITION=none"
+    if requested == "absolute":
+        return "absolute", "CONDITION=absolute"
+    if requested == "relative" or has_baseline:
+        why = "CONDITION=relative" if requested == "relative" else "BULK_BASELINE is given"
+        if not has_baseline and n_samples < 2:
+            return None, f"{why}, but one bulk sample and no BULK_BASELINE leave nothing to compare with"
+        return "relative", why + ("" if has_baseline else " (baseline: the mean of the samples)")
+    if record is None:
+        return "absolute", ("the bulk did not come through stage 4, so its platform is unknown: taken as the "
+                            "reference's (pass --CONDITION=relative with BULK_BASELINE for another platform)")
+    protocol, reference = record.get("protocol"), record.get("reference_protocol")
+    if protocol is not None and protocol == reference:
+        return "absolute", f"stage 4 read the bulk as {protocol} counts, as the reference's"
+    what = f"{protocol} counts" if protocol else f"{record.get('unit', 'TPM')} of unknown protocol"
+    if n_samples < 2:
+        return None, (f"stage 4 read the bulk as {what} against a {reference} reference (another platform), and "
+                      "one sample has nothing to compare with: pass BULK_BASELINE")
+    return "relative", (f"stage 4 read the bulk as {what} against a {reference} reference (another platform): "
+                        "log-ratios to the mean of the samples")
+
+
+def align_samples(bulk: pd.DataFrame, samples, source: str) -> pd.DataFrame:
+    """The bulk's rows in the order of the samples to generate (one and one match whatever the names)."""
+    samples = [str(s) for s in samples]
+    bulk = bulk.set_axis([str(s) for s in bulk.index], axis=0)
+    if len(samples) == 1 and len(bulk) == 1:
+        return bulk.set_axis(samples, axis=0)
+    missing = [s for s in samples if s not in bulk.index]
+    if missing:
+        raise InputError(f"{source}: no bulk for samples {missing[:5]} (it has {list(bulk.index[:5])}); give the "
+                         "bulk that stage 4 deconvolved, or pass --CONDITION=none")
+    return bulk.loc[samples]
+
+
+def save_npz(path, arrays: dict) -> None:
+    """An .npz with fixed zip timestamps, so the same arrays give the same bytes (np.savez stamps the time)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, value in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(value), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, buffer.getvalue())

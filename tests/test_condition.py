@@ -1,0 +1,164 @@
+"""models.condition: a planted per-type shift is recovered, the reference's own bulk is left alone,
+and stage 5's conditioning is seeded and leaves CONDITION=none's files as they were."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models import condition, generate
+from models.gmvae import GMVAE
+from models.utils import InputError
+
+N_GENES, N_TYPES = 80, 3
+
+
+def tiny_model(seed: int = 0) -> GMVAE:
+    torch.manual_seed(seed)
+    model = GMVAE(N_GENES, N_TYPES, z_dim=4, enc_hidden1=16, enc_hidden2=8, cls_hidden=16, prior_hidden=8,
+                  dec_hidden1=8, dec_hidden2=16)
+    with torch.no_grad():  # means of ~0.1-20 counts that differ between types
+        model.dec_mean.bias.copy_(torch.linspace(-2.0, 3.0, N_GENES))
+        model.dec_in.weight.mul_(4.0)
+        model.dec_dropout.bias.fill_(-2.0)
+    return model.eval()
+
+
+def planted_bulks(model, cells: np.ndarray, planted: torch.Tensor) -> np.ndarray:
+    """Profiles [S, G] of the expected pseudo-bulks with type log factors ``planted`` [K, G]."""
+    draws = condition.latent_draws(model, 256, 1.0, "posterior", generate.block_generator(0, 2_000_000, 0))
+    base = condition.type_log_means(model, draws, calibrate=False)
+    log_means = condition.expected_log_means(base[0], base[1], planted, True)
+    shared = torch.ones(N_GENES, dtype=torch.bool)
+    return condition.pseudo_bulk_profile(log_means, torch.as_tensor(cells, dtype=torch.float32), shared).numpy()
+
+
+def test_planted_per_type_shift_is_recovered():
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    cells = np.vstack([generate.largest_remainder(rng.dirichlet(np.ones(N_TYPES)), 1000) for _ in range(12)])
+    planted = torch.zeros(N_TYPES, N_GENES)
+    planted[0, 40:50] = 1.5  # up in type 0 only
+    planted[1, 55:65] = -1.0  # down in type 1 only
+    planted[:, 70:75] = 1.0  # up in every type
+    profiles = planted_bulks(model, cells, planted)
+    settings = condition.ConditionSettings(gene_steps=600)
+    fits = condition.fit_conditions(model, cells, profiles, np.ones(N_GENES, bool), "absolute",
+                                    generate.block_generator(0, 2_000_000, 0), settings, calibrate=False)
+    shift = fits[0].log_mean_shift.numpy()
+    assert np.corrcoef(shift.ravel(), planted.numpy().ravel())[0, 1] > 0.9
+    assert shift[0, 40:50].mean() > 1.0 and abs(shift[1:, 40:50].mean()) < 0.5  # type 0's own
+    assert shift[1, 55:65].mean() < -0.6 and abs(shift[[0, 2], 55:65].mean()) < 0.4
+    assert shift[:, 70:75].mean() > 0.7
+    assert fits[0].r_after > fits[0].r_before and fits[0].r_after > 0.99
+
+
+def test_reference_own_bulk_is_left_nearly_unshifted():
+    model = tiny_model()
+    counts_per_type = np.array([600, 300, 100])
+    sampler = generate.gmvae_sampler(model, prior="learned")
+    cells = generate.sample_in_memory(sampler, generate.type_codes_from_counts(counts_per_type), seed=3)
+    bulk = pd.DataFrame(np.asarray(cells.sum(axis=0)), columns=[f"g{i}" for i in range(N_GENES)])
+    profiles, shared = condition.bulk_profiles(bulk, [f"g{i}" for i in range(N_GENES)], 10, "own bulk")
+    fit = condition.fit_conditions(model, counts_per_type[None], profiles, shared, "absolute",
+                                   generate.block_generator(0, 2_000_000, 0), prior="learned", calibrate=False)[0]
+    planted = torch.zeros(N_TYPES, N_GENES)
+    planted[0, 40:50] = 1.5
+    moved = planted_bulks(model, counts_per_type[None], planted)
+    moved_fit = condition.fit_conditions(model, counts_per_type[None], moved, shared, "absolute",
+                                         generate.block_generator(0, 2_000_000, 0), prior="learned",
+                                         calibrate=False)[0]
+    own, shifted = fit.log_fold_change.abs().mean().item(), moved_fit.log_fold_change.abs().mean().item()
+    assert own < 0.1 and own < 0.25 * shifted
+
+
+def test_relative_mode_cancels_a_platform_factor():
+    model = tiny_model()
+    rng = np.random.default_rng(1)
+    cells = np.vstack([generate.largest_remainder(rng.dirichlet(np.ones(N_TYPES)), 1000) for _ in range(6)])
+    planted = torch.zeros(N_TYPES, N_GENES)
+    planted[:, 40:50] = 1.5
+    platform = np.exp(rng.normal(0.0, 1.0, N_GENES))
+    stimulated = planted_bulks(model, cells, planted) * platform
+    baseline = planted_bulks(model, cells, torch.zeros(N_TYPES, N_GENES)) * platform
+    shared = np.ones(N_GENES, bool)
+    stimulated, baseline = stimulated / stimulated.sum(1, keepdims=True), baseline / baseline.sum(1, keepdims=True)
+    generator = generate.block_generator(0, 2_000_000, 0)
+    relative = condition.fit_conditions(model, cells, stimulated, shared, "relative", generator, prior="learned",
+                                        calibrate=False, baseline=baseline.mean(0),
+                                        baseline_cells=cells.mean(0))[0]
+    absolute = condition.fit_conditions(model, cells, stimulated, shared, "absolute", generator, prior="learned",
+                                        calibrate=False)[0]
+    truth = planted.numpy().ravel()
+    assert np.corrcoef(relative.log_mean_shift.numpy().ravel(), truth)[0, 1] > 0.9
+    assert np.corrcoef(absolute.log_mean_shift.numpy().ravel(), truth)[0, 1] < 0.6  # the platform leaks in
+
+
+def test_too_few_shared_genes_is_an_error_naming_the_file():
+    bulk = pd.DataFrame(np.ones((1, 5)), columns=[f"x{i}" for i in range(5)])
+    with pytest.raises(InputError, match="my_bulk.tsv"):
+        condition.bulk_profiles(bulk, [f"g{i}" for i in range(N_GENES)], 50, "my_bulk.tsv")
+
+
+def test_choose_mode():
+    umi = {"protocol": "umi", "reference_protocol": "umi"}
+    reads = {"protocol": "full_length", "reference_protocol": "umi"}
+    assert condition.choose_mode("auto", umi, False, 1)[0] == "absolute"
+    assert condition.choose_mode("auto", reads, False, 5)[0] == "relative"
+    assert condition.choose_mode("auto", reads, False, 1)[0] is None  # nothing to compare with
+    assert condition.choose_mode("auto", umi, True, 1)[0] == "relative"  # a baseline asks for it
+    assert condition.choose_mode("none", umi, False, 3)[0] is None
+    with pytest.raises(InputError):
+        condition.choose_mode("sometimes", umi, False, 1)
+
+
+# ----------------------------------------------------------------------------- stage 5
+def stage5_dir(root, with_bulk: bool):
+    """DATA_DIR with a tiny checkpoint, two samples' proportions and (optionally) their bulk + bulk.json."""
+    from models.paths import Paths
+    from models.train import save_checkpoint
+
+    paths = Paths(root)
+    model = tiny_model()
+    genes, types = [f"g{i}" for i in range(N_GENES)], ["A", "B", "C"]
+    save_checkpoint(paths.gmvae_checkpoint, model, None, 0, genes, types)
+    paths.deconvolution_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]], index=pd.Index(["s1", "s2"], name="sample"),
+                 columns=types).to_csv(paths.proportions)
+    if with_bulk:
+        rng = np.random.default_rng(0)
+        bulk = pd.DataFrame(rng.poisson(50.0, (2, N_GENES)) * np.exp(np.linspace(-1, 1, N_GENES)),
+                            index=["s1", "s2"], columns=genes)
+        bulk.to_csv(root / "bulk.csv")
+        paths.bulk_record.write_text(json.dumps({"path": str(root / "bulk.csv"), "unit": "counts",
+                                                 "protocol": "umi", "reference_protocol": "umi"}))
+    return paths
+
+
+def run_stage5(paths, *extra):
+    import _5_generate_sc as stage5
+
+    stage5.main([f"--DATA_DIR={paths.data_dir}", f"--FIG_DIR={paths.fig_dir}", "--N_CELLS=120",
+                 "--CONDITION_MIN_GENES=50", "--EVALUATE=false", *extra])
+    folder = paths.generated_dir
+    return {f"{s}/{name}": (folder / s / name).read_bytes() for s in ("s1", "s2")
+            for name in ("matrix.mtx", "cells.h5ad", "clusters.csv", "barcodes.tsv", "condition.npz")
+            if (folder / s / name).exists()}
+
+
+def test_stage5_condition_none_gives_the_unconditioned_files_and_seed_repeats(tmp_path):
+    plain = run_stage5(stage5_dir(tmp_path / "plain", with_bulk=False), "--FIGURES=false")
+    none = run_stage5(stage5_dir(tmp_path / "none", with_bulk=True), "--FIGURES=false", "--CONDITION=none")
+    assert plain == none and "s1/condition.npz" not in none
+    paths = stage5_dir(tmp_path / "auto", with_bulk=True)
+    first = run_stage5(paths)
+    assert "s1/condition.npz" in first and first["s1/matrix.mtx"] != none["s1/matrix.mtx"]
+    assert (paths.fig_dir / "condition_shifts_s1.png").exists()
+    fits = json.loads(paths.generated_metrics.read_text())["condition"]
+    assert fits["s1"]["mode"] == "absolute" and fits["s1"]["r_after"] > fits["s1"]["r_before"]
+    with np.load(paths.generated_dir / "s1" / "condition.npz") as shifts:
+        assert shifts["log_mean_shift"].shape == (N_TYPES, N_GENES)
+    assert run_stage5(paths) == first  # same SEED, same bytes (condition.npz too)
