@@ -87,11 +87,12 @@ def test_relative_mode_cancels_a_platform_factor():
     shared = np.ones(N_GENES, bool)
     stimulated, baseline = stimulated / stimulated.sum(1, keepdims=True), baseline / baseline.sum(1, keepdims=True)
     generator = generate.block_generator(0, 2_000_000, 0)
-    relative = condition.fit_conditions(model, cells, stimulated, shared, "relative", generator, prior="learned",
+    fast = condition.ConditionSettings(gene_steps=300)
+    relative = condition.fit_conditions(model, cells, stimulated, shared, "relative", generator, fast, prior="learned",
                                         calibrate=False, baseline=baseline.mean(0),
                                         baseline_cells=cells.mean(0))[0]
-    absolute = condition.fit_conditions(model, cells, stimulated, shared, "absolute", generator, prior="learned",
-                                        calibrate=False)[0]
+    absolute = condition.fit_conditions(model, cells, stimulated, shared, "absolute", generator, fast,
+                                        prior="learned", calibrate=False)[0]
     truth = planted.numpy().ravel()
     assert np.corrcoef(relative.log_mean_shift.numpy().ravel(), truth)[0, 1] > 0.9
     assert np.corrcoef(absolute.log_mean_shift.numpy().ravel(), truth)[0, 1] < 0.6  # the platform leaks in
