@@ -177,7 +177,9 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
         log.warning("not conditioning on %s: %s", bulk_path, why)
         return {}
     log.info("conditioning on the bulk %s: %s mode, because %s", bulk_path, mode, why)
-    bulk = condition.align_samples(read_bulk(bulk_path, genes), counts.index, str(bulk_path))
+    bulk_samples = counts.attrs.get("bulk_sample", list(counts.index))  # COUNTS_FROM=draw: replicates share a bulk
+    bulk = condition.align_samples(read_bulk(bulk_path, genes), bulk_samples, str(bulk_path))
+    bulk = bulk.set_axis([str(s) for s in counts.index], axis=0)
     baseline = None
     if cfg.BULK_BASELINE:
         baseline_table = read_bulk(resolve(cfg.BULK_BASELINE), genes)

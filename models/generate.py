@@ -186,7 +186,7 @@ def replicate_cell_counts(proportions: pd.DataFrame, lower: pd.DataFrame, upper:
     Each replicate draws a composition from a Dirichlet centred on the point estimate, with the
     concentration the sample's ``level`` intervals imply (:func:`dirichlet_concentration`), then
     its cell counts from a multinomial of ``n_cells``. Rows are named ``<sample>_rep<r>`` and sum
-    to ``n_cells``; one seeded generator per sample, so the same ``seed`` gives the same counts.
+    to ``n_cells`` (``attrs["bulk_sample"]`` names each row's bulk sample); one seeded generator per sample, so the same ``seed`` gives the same counts.
     """
     if n_cells <= 0:
         raise InputError(f"N_CELLS must be a positive number of cells, got {n_cells}")
@@ -202,7 +202,9 @@ def replicate_cell_counts(proportions: pd.DataFrame, lower: pd.DataFrame, upper:
         for r in range(replicates):
             rows.append(rng.multinomial(n_cells, rng.dirichlet(alpha)))
             names.append(f"{sample}_rep{r}")
-    return pd.DataFrame(np.vstack(rows), index=names, columns=proportions.columns)
+    counts = pd.DataFrame(np.vstack(rows), index=names, columns=proportions.columns)
+    counts.attrs["bulk_sample"] = [str(s) for s in proportions.index for _ in range(replicates)]  # row -> its bulk
+    return counts
 
 
 def type_codes_from_counts(counts: Sequence[int]) -> np.ndarray:
