@@ -7,8 +7,10 @@ constant's own type. Unknown names and ill-typed values are errors that list wha
 from __future__ import annotations
 
 import ast
+import io
 import json
 import sys
+import tokenize
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
@@ -35,13 +37,45 @@ def _assigned_names(path: Any) -> set[str] | None:
     return names
 
 
+def settings_block(path: Any) -> dict[str, str] | None:
+    """``{NAME: comment}`` for the constants between a script's first two ``# ---`` rules, in order.
+
+    The comment is the line's trailing comment plus the comment-only lines that continue it.
+    None when the source cannot be read or has no such block.
+    """
+    try:
+        source = Path(path).read_text()
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (OSError, SyntaxError, TypeError, ValueError, tokenize.TokenError):
+        return None
+    rules = [tok.start[0] for tok in tokens if tok.type == tokenize.COMMENT and tok.string.startswith("# ---")]
+    if len(rules) < 2:
+        return None
+    first, last = rules[0], rules[1]
+    settings: dict[str, str] = {}
+    current = None
+    for index, tok in enumerate(tokens):
+        if not first < tok.start[0] < last:
+            continue
+        if tok.type == tokenize.NAME and tok.start[1] == 0 and tok.string.isupper():
+            current = tok.string
+            settings[current] = ""
+        elif tok.type == tokenize.COMMENT and current is not None:
+            text = tok.string.lstrip("#").strip()
+            settings[current] = f"{settings[current]} {text}".strip()
+    return settings
+
+
 def constants_of(namespace: Mapping[str, Any]) -> dict[str, Any]:
     """The UPPER_CASE, non-callable, non-module entries of a module's ``globals()``.
 
     When the namespace has a ``__file__``, only names the script itself assigns count, so an
-    imported UPPER_CASE name (``from models.paths import CLUSTERS``) is not a setting.
+    imported UPPER_CASE name (``from models.paths import CLUSTERS``) is not a setting; when the
+    script has a ``# ---`` settings block, only the names in it (module constants below it, such
+    as RNG stream offsets, are not settings).
     """
-    assigned = _assigned_names(namespace.get("__file__"))
+    block = settings_block(namespace.get("__file__"))
+    assigned = set(block) if block else _assigned_names(namespace.get("__file__"))
     return {
         name: value
         for name, value in namespace.items()
@@ -89,6 +123,18 @@ def _parse_value(name: str, raw: str, default: Any) -> Any:
     return raw  # str (paths are strings)
 
 
+def help_text(namespace: Mapping[str, Any]) -> str:
+    """The script's docstring, then every setting with its default and its comment."""
+    settings = constants_of(namespace)
+    comments = settings_block(namespace.get("__file__")) or {}
+    lines = [(namespace.get("__doc__") or "").strip(), "",
+             "Settings (override any with --NAME=value; defaults shown):"]
+    for name, value in settings.items():
+        comment = comments.get(name, "")
+        lines.append(f"  --{name}={value!r}" + (f"\n      {comment}" if comment else ""))
+    return "\n".join(lines) + "\n"
+
+
 def parse_overrides(defaults: Mapping[str, Any], argv: Sequence[str]) -> dict[str, Any]:
     """Return ``defaults`` updated with ``--NAME=value`` items of ``argv``.
 
@@ -111,9 +157,13 @@ def parse_overrides(defaults: Mapping[str, Any], argv: Sequence[str]) -> dict[st
 def load_config(namespace: Mapping[str, Any], argv: Sequence[str] | None = None) -> SimpleNamespace:
     """The script's constants with command-line overrides applied, as attributes.
 
-    On a bad argument, prints the reason and exits with status 2 (argparse's convention).
+    ``-h``/``--help`` prints :func:`help_text` and exits 0. On a bad argument, prints the
+    reason and exits with status 2 (argparse's convention).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        sys.stdout.write(help_text(namespace))
+        raise SystemExit(0)
     try:
         values = parse_overrides(constants_of(namespace), argv)
     except ConfigError as err:

@@ -1,11 +1,15 @@
 """The --NAME=value constant-override helper."""
 from __future__ import annotations
 
+import ast
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from models.config import ConfigError, constants_of, load_config, parse_overrides, save_config
+from models.config import (ConfigError, constants_of, help_text, load_config, parse_overrides, save_config,
+                           settings_block)
 
 DEFAULTS = {"EPOCHS": 10, "LR": 1e-3, "RESUME": False, "DATA_DIR": "data", "BULK": None, "DIMS": [128, 64]}
 
@@ -75,3 +79,37 @@ def test_imported_upper_case_names_are_not_settings(tmp_path):
 
     assert not {"CLUSTERS", "GENES", "LOSS_PARTS"} & set(constants_of(vars(stage3)))
     assert "CLUSTERS" not in constants_of(vars(stage4)) and "BULK_PROTOCOL" in constants_of(vars(stage4))
+
+
+SCRIPTS = sorted(p.name for p in Path(__file__).resolve().parents[1].glob("_[0-9]_*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_docstring_and_every_setting_then_exits_0(script):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(repo / script), "--help"], capture_output=True, text=True,
+                            cwd=repo, timeout=120)
+    assert result.returncode == 0, result.stderr
+    block = settings_block(repo / script)
+    assert block and "DATA_DIR" in block
+    first_doc_line = ast.get_docstring(ast.parse((repo / script).read_text())).splitlines()[0]
+    assert result.stdout.startswith(first_doc_line)
+    listed = re.findall(r"^  --([A-Z0-9_]+)=", result.stdout, flags=re.M)
+    assert listed == list(block)  # every setting, in the script's order, and nothing else
+    assert "Traceback" not in result.stderr
+
+
+def test_settings_are_the_rule_block_only(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text('"""Doc."""\n# ---\nEPOCHS = 3  # why three\nPRIOR = "a"  # first line\n'
+                      '#             second line\n# ---\nSTREAM = 7  # an RNG offset, not a setting\n')
+    namespace = {"__file__": str(script), "__doc__": "Doc.", "EPOCHS": 3, "PRIOR": "a", "STREAM": 7}
+    assert settings_block(script) == {"EPOCHS": "why three", "PRIOR": "first line second line"}
+    assert constants_of(namespace) == {"EPOCHS": 3, "PRIOR": "a"}
+    with pytest.raises(SystemExit, match="unknown setting 'STREAM'"):
+        load_config(namespace, ["--STREAM=1"])
+    text = help_text(namespace)
+    assert text.startswith("Doc.") and "--EPOCHS=3\n      why three" in text and "STREAM" not in text
