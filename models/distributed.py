@@ -82,6 +82,9 @@ def teardown(ctx: Context) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # Every rank reaches here before any tears down: a gloo rank whose peer left mid-way can
+            # abort at exit ("terminate called without an active exception", seen in CI runs).
+            dist.barrier()
             dist.destroy_process_group()
 
 
