@@ -167,6 +167,7 @@ def fidelity(work: Path, fig_dir: Path, readme: bool, retrain: bool, train_args:
                           f"--FIG_DIR={fig_dir}", *train_args], work / "train.log")
         print(f"_3_train_gmvae.py {' '.join(train_args) or '(defaults)'} on {root}: {wall:.0f} s, "
               f"peak RSS {peak:.0f} MiB", flush=True)
+    print(f"held-out -ELBO per test cell (stage 3 never reads test/): {heldout_nelbo(paths):.1f} nats", flush=True)
     clusters = pd.read_csv(paths.test_dir / "clusters.csv")
     counts = clusters["cell_type"].value_counts().rename_axis("cell_type").reset_index(name="n_cells")
     counts.to_csv(work / "pbmc_test_counts.csv", index=False)
@@ -202,6 +203,19 @@ def fidelity(work: Path, fig_dir: Path, readme: bool, retrain: bool, train_args:
         print(f"copied the figures to {target}")
     if seeds > 1:
         seed_spread(root, work, fig_dir, metrics, seeds)
+
+
+def heldout_nelbo(paths) -> float:
+    """Mean -ELBO per cell of the test split under the saved GMVAE (z drawn with fixed seeds)."""
+    import numpy as np
+
+    from models import io
+    from models.train import evaluate, load_gmvae
+
+    model, meta = load_gmvae(paths.gmvae_checkpoint)
+    test = io.read_dataset(paths.test_dir)[:, meta["genes"]]
+    codes, _ = io.encode_labels(test.obs["cell_type"], meta["cell_types"])
+    return evaluate(model, test.X.tocsr(), np.asarray(codes), 256, "cpu")["loss"]
 
 
 def seed_spread(root: Path, work: Path, fig_dir: Path, first: dict, seeds: int) -> None:
