@@ -6,7 +6,7 @@ the files placed by hand, touches no network):
     DATA_DIR/raw/GeneLength.txt                  TAPE's human gene-length table
 Writes:
     DATA_DIR/raw/matrix.mtx     integer raw counts, genes x cells
-    DATA_DIR/raw/genes.tsv      one gene symbol per line
+    DATA_DIR/raw/genes.tsv      10x two columns, gene id <TAB> symbol (the RData has symbols: both)
     DATA_DIR/raw/barcodes.tsv   one cell barcode per line
 
 The RData holds an R ``dgCMatrix``; it is read in Python with ``rdata`` (no R needed).
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     # Each file is written atomically; genes/barcodes go last so a crash mid-way never leaves a
     # complete-looking set.
     io.write_mtx(paths.raw_matrix, counts)
-    io.write_lines(paths.raw_genes, genes)
+    io.write_genes(paths.raw_genes, genes)  # the RData has symbols only: the symbol in both columns
     io.write_lines(paths.raw_barcodes, barcodes)
     log.info("wrote %s (%d genes x %d cells)", paths.raw_matrix, len(genes), len(barcodes))
 

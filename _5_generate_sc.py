@@ -61,7 +61,7 @@ import torch
 from models import condition, distributed, evaluation, generate, plots, sharded
 from models.baseline import fit_nb_per_type
 from models.config import load_config, save_config
-from models.io import atomic_path, encode_labels, read_dataset
+from models.io import atomic_path, encode_labels, known_gene_ids, read_dataset
 from models.metrics import proportion_metrics
 from models.paths import Paths, resolve
 from models.train import load_gmvae
@@ -341,13 +341,16 @@ def generate_all(cfg, ctx) -> dict:
             log_mean_shift=fit.log_mean_shift)
     condition_summary = {}
 
+    gene_ids = known_gene_ids(paths.train_dir, genes)  # genes.tsv's id column, where _1_ had ids
+
     def folder_of(sample):
         return paths.generated_dir / safe_name(sample) if several else paths.generated_dir
 
     if ctx.distributed:  # every rank draws its share of every sample; the files equal one process's
         sharded.write_generated_sharded([folder_of(s) for s in counts.index], [samplers[str(s)] for s in counts.index],
                                         genes, cell_types, [counts.loc[s].to_numpy() for s in counts.index],
-                                        list(map(str, counts.index)), cfg.SEED, cfg.CHUNK_CELLS, ctx, device=device)
+                                        list(map(str, counts.index)), cfg.SEED, cfg.CHUNK_CELLS, ctx, device=device,
+                                        gene_ids=gene_ids)
         if not ctx.is_main:  # rank 0 alone scores, draws the figures and writes config.json
             return {}
     summary, shares = {}, {}
@@ -365,7 +368,7 @@ def generate_all(cfg, ctx) -> dict:
         else:
             codes, kept = generate.write_generated(
                 folder, sample_sampler, genes, cell_types, per_type.to_numpy(), cfg.SEED, cfg.CHUNK_CELLS,
-                stream=stream, sample=str(sample), keep_cells=keep_cells, device=device)
+                stream=stream, sample=str(sample), keep_cells=keep_cells, device=device, gene_ids=gene_ids)
         shares[str(sample)] = per_type / per_type.sum()
         log.info("wrote %s (matrix.mtx, cells.h5ad, clusters.csv); peak RSS %.0f MiB", folder, peak_rss_mb())
         if fit is not None:

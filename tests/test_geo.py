@@ -89,7 +89,8 @@ def test_stage0_runs_offline_when_inputs_are_present(tmp_path, monkeypatch):
     matrix = io.read_mtx(raw / "matrix.mtx")
     expected = pd.read_csv(DATA / "tiny_counts_expected.csv", index_col=0)
     np.testing.assert_array_equal(matrix.toarray(), expected.to_numpy())
-    assert io.read_lines(raw / "genes.tsv") == list(expected.index)
+    assert io.read_gene_names(raw / "genes.tsv") == list(expected.index)
+    assert (raw / "genes.tsv").read_text().splitlines()[0] == f"{expected.index[0]}\t{expected.index[0]}"
     assert io.read_lines(raw / "barcodes.tsv") == list(expected.columns)
     assert "integer" in (raw / "matrix.mtx").read_text().splitlines()[0]
 
@@ -114,7 +115,7 @@ def test_stage0_on_the_geo_fixture(shared_data, tmp_path):
     stage0.main([f"--DATA_DIR={tmp_path}"])
     matrix = io.read_mtx(raw / "matrix.mtx")
     assert matrix.shape == (8846, 3500)
-    assert io.read_lines(raw / "genes.tsv") == io.read_lines(shared_data / "pbmc_zheng7" / "genes.tsv")
+    assert io.read_gene_names(raw / "genes.tsv") == io.read_gene_names(shared_data / "pbmc_zheng7" / "genes.tsv")
 
 
 @pytest.mark.internet
