@@ -155,10 +155,11 @@ def cell_counts_table(cfg, paths: Paths, cell_types: list[str], test) -> pd.Data
     return generate.replicate_cell_counts(proportions, lower, upper, int(n_cells), cfg.REPLICATES, cfg.SEED)
 
 
-def read_bulk(path: Path, genes: list[str]) -> pd.DataFrame:
+def read_bulk(path: Path, genes: list[str], gene_ids: list[str] | None = None) -> pd.DataFrame:
+    """samples x genes, its genes matched to the GMVAE's (case, Ensembl versions, ids: models.genes)."""
     from models.deconvolution import check_bulk_values, orient_bulk, read_table
 
-    return check_bulk_values(orient_bulk(read_table(path), genes, str(path))[0], str(path))
+    return check_bulk_values(orient_bulk(read_table(path), genes, str(path), gene_ids)[0], str(path))
 
 
 def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prior: str, calibrate: bool) -> dict:
@@ -178,11 +179,12 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
         return {}
     log.info("conditioning on the bulk %s: %s mode, because %s", bulk_path, mode, why)
     bulk_samples = counts.attrs.get("bulk_sample", list(counts.index))  # COUNTS_FROM=draw: replicates share a bulk
-    bulk = condition.align_samples(read_bulk(bulk_path, genes), bulk_samples, str(bulk_path))
+    gene_ids = known_gene_ids(paths.train_dir, genes)
+    bulk = condition.align_samples(read_bulk(bulk_path, genes, gene_ids), bulk_samples, str(bulk_path))
     bulk = bulk.set_axis([str(s) for s in counts.index], axis=0)
     baseline = None
     if cfg.BULK_BASELINE:
-        baseline_table = read_bulk(resolve(cfg.BULK_BASELINE), genes)
+        baseline_table = read_bulk(resolve(cfg.BULK_BASELINE), genes, gene_ids)
         common = bulk.columns.intersection(baseline_table.columns)
         baseline = condition.bulk_profiles(baseline_table[common], genes, cfg.CONDITION_MIN_GENES,
                                            cfg.BULK_BASELINE)[0].mean(0)
