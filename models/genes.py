@@ -9,7 +9,7 @@ A bulk table often names its genes by Ensembl id (``ENSG00000141510``, with or w
    is stripped from Ensembl-like ids only: ``RP11-34P13.7`` is a symbol and keeps its ``.7``).
    A relaxed key that several bulk names, or several reference names, share is ambiguous and
    is not merged (logged); a reference gene already matched exactly is not matched again;
-3. when the reference also carries ids (a 10x two-column ``genes.tsv`` / ``features.tsv``),
+3. when the reference also carries ids (a 10x two-column ``genes.tsv``, as in ``features.tsv``),
    the bulk is matched against its symbols and its ids, and whichever overlaps more wins.
 
 :func:`describe_mismatch` says which kind each side uses and how to convert, for the error
@@ -160,10 +160,11 @@ def describe_mismatch(query: Sequence[str], symbols: Sequence[str], ids: Sequenc
     if query_kind in reference_kinds:
         return text + "; the naming agrees, so check the species, the orientation, or that it is the right bulk"
     if query_kind != SYMBOLS and SYMBOLS in reference_kinds:
-        return (text + f"; convert one side: give the reference its ids (a 10x two-column genes.tsv or features.tsv, "
-                "gene_id<TAB>symbol, in raw/ before _1_split_train_test.py), or map the bulk's ids to symbols "
-                "first (e.g. an Ensembl BioMart table 'Gene stable ID' -> 'Gene name', or mygene's "
-                "querymany(ids, scopes='ensembl.gene', fields='symbol'); ids that share a symbol are summed)")
+        return (text + "; convert one side: give the reference its ids (raw/genes.tsv in 10x's two columns "
+                "gene_id<TAB>symbol, e.g. a 10x features.tsv's first two columns, then rerun from "
+                "_1_split_train_test.py), or map the bulk's ids to symbols first (e.g. an Ensembl BioMart "
+                "table 'Gene stable ID' -> 'Gene name', or mygene's querymany(ids, scopes='ensembl.gene', "
+                "fields='symbol'); ids that share a symbol are summed)")
     if query_kind == SYMBOLS:
         return (text + "; convert one side: map the bulk's symbols to the reference's ids (e.g. Ensembl BioMart "
                 "'Gene name' -> 'Gene stable ID'), or give the reference its symbols (10x genes.tsv's second column)")

@@ -70,7 +70,7 @@ def test_mismatch_message_names_both_kinds_and_the_conversion():
     text = genes.describe_mismatch([f"{i}.1" for i in IDS], SYMBOLS)
     assert "the bulk's genes are Ensembl gene ids (e.g. ENSG00000141510.1, 6 of 6)" in text
     assert "the reference's are gene symbols (e.g. TP53, 6 of 6)" in text
-    assert "two-column genes.tsv" in text and "BioMart" in text and "mygene" in text
+    assert "two columns" in text and "BioMart" in text and "mygene" in text
     assert "symbols to the reference's ids" in genes.describe_mismatch(SYMBOLS, IDS)
     assert "check the species" in genes.describe_mismatch(["A", "B"], SYMBOLS)
 
@@ -96,7 +96,7 @@ def test_stage4_ensembl_bulk_against_symbol_reference_says_how_to_convert():
     assert message.startswith("ensembl_bulk.tsv: only 0 genes shared with the reference (MIN_SHARED_GENES=50)")
     assert "Ensembl gene ids (e.g. ENSG00000000000.2, 60 of 60)" in message
     assert "the reference's are gene symbols (e.g. GENE0, 60 of 60)" in message
-    assert "two-column genes.tsv" in message
+    assert "two columns gene_id<TAB>symbol" in message
 
 
 def test_stage4_ensembl_bulk_matches_a_reference_with_ids():
