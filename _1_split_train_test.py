@@ -157,8 +157,8 @@ def main(argv=None) -> None:
     adata = adata[keep].copy()
     cell_types = cell_types[keep]
     io.set_labels(adata, cell_types.to_numpy())
-    # Keep only the raw counts and labels; QC columns stay in obs for users.
-    adata.var = adata.var[[]]
+    # Keep only the raw counts, labels and gene ids (genes.tsv's first column); QC columns stay in obs.
+    adata.var = adata.var[[c for c in ("gene_ids",) if c in adata.var]]
 
     train, test = stratified_split(adata.obs["cell_type"].astype(str), cfg.TEST_FRACTION, cfg.SEED)
     io.write_dataset(adata[train].copy(), paths.train_dir)

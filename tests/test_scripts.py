@@ -197,3 +197,28 @@ def test_missing_input_names_the_earlier_stage(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 1
     assert "GeneLength.txt" in run.stderr and "_0_download_data.py" in run.stderr
+
+
+def test_split_keeps_gene_ids_of_a_two_column_genes_tsv(chain_dir, tmp_path):
+    """raw/genes.tsv with ids (10x gene_id<TAB>symbol): train/ and test/ keep them, symbols name the genes."""
+    data_dir = tmp_path / "ids"
+    shutil.copytree(Paths(chain_dir).raw_dir, data_dir / "raw")
+    paths = Paths(data_dir)
+    if not paths.raw_matrix.exists():  # run alone: the end-to-end test has not filled raw/
+        from models.geo import read_rdata_counts
+
+        gene_length_table(read_rdata_counts(paths.rdata)[1]).to_csv(paths.gene_length, index=False)
+        _run("_0_download_data.py", data_dir, tmp_path)
+    symbols = io.read_gene_names(paths.raw_genes)
+    ids = [f"ENSG{i:011d}" for i in range(len(symbols))]
+    io.write_genes(paths.raw_genes, symbols, ids)
+    if not paths.raw_cell_types.exists():
+        barcodes = io.read_lines(paths.raw_barcodes)
+        pd.DataFrame({"barcode": barcodes, "cell_type": [b.split("_")[0] for b in barcodes]}).to_csv(
+            paths.raw_cell_types, index=False)
+    _run("_1_split_train_test.py", data_dir, tmp_path / "fig")
+    by_symbol = dict(zip(symbols, ids))
+    for folder in (paths.train_dir, paths.test_dir):
+        kept, kept_ids = io.read_genes(folder / "genes.tsv")
+        assert kept_ids == [by_symbol[s] for s in kept] and set(kept) <= set(symbols)
+        assert list(io.read_dataset(folder).var["gene_ids"]) == kept_ids
