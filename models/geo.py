@@ -79,7 +79,7 @@ def read_rdata_counts(path: str | Path, name: str | None = "raw_counts") -> tupl
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, NotImplementedError, KeyError,
             IndexError, TypeError, AssertionError) as err:
         raise InputError(f"{path}: cannot read as an R data file; it may be truncated or corrupt "
-                         f"({type(err).__name__}: {err}). Delete it and rerun to download it again") from None
+                         f"({type(err).__name__}: {err}). Delete it and rerun to download it again, or place a complete copy there") from None
     if not isinstance(objects, dict):
         raise InputError(f"{path}: expected an R save() file of named objects, found {type(objects).__name__}")
     matrices = {key: value for key, value in objects.items() if _is_dgcmatrix(value)}
@@ -118,9 +118,9 @@ class DownloadError(InputError):
 
 def soft_url(accession: str) -> str:
     """The series' SOFT file on GEO (https, so it passes proxies, unlike GEOparse's ftp://)."""
-    accession = accession.strip().upper()
+    given, accession = accession, accession.strip().upper()
     if not re.fullmatch(r"GSE\d+", accession):
-        raise InputError(f"GEO_ACCESSION={accession!r} is not a GEO series accession (GSE followed by digits)")
+        raise InputError(f"GEO_ACCESSION={given!r} is not a GEO series accession (GSE followed by digits)")
     return GEO_SOFT_URL.format(prefix=re.sub(r"\d{1,3}$", "", accession), accession=accession)
 
 
@@ -132,7 +132,10 @@ def download_series_file(accession: str, pattern: str, target: Path, soft_dir: P
     ``download_supplementary_files`` only fetches per-sample files). Any failure is a
     :class:`DownloadError` naming the URL or accession, ``target`` and ``offline_hint``.
     """
-    url = soft_url(accession)
+    try:
+        url = soft_url(accession)
+    except InputError as err:
+        raise DownloadError(f"{err}; it names the series whose file becomes {target}. {offline_hint}") from None
     soft = soft_dir / f"{accession.strip().upper()}_family.soft.gz"
     if not soft.exists():
         download_file(url, soft, offline_hint=offline_hint,

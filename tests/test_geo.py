@@ -328,3 +328,12 @@ def test_stage0_geoparse_failure_is_one_error(tmp_path, monkeypatch, caplog):
     (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "GSE130148" in record.getMessage() and "cannot parse" in record.getMessage()
     assert "place" in record.getMessage() and not soft.exists()
+
+
+def test_malformed_accession_is_refused_with_the_offline_hint(tmp_path):
+    from models.geo import DownloadError, download_series_file
+
+    target = tmp_path / "GSE_raw_counts.RData.gz"
+    with pytest.raises(DownloadError, match=r"GEO_ACCESSION='foo' is not a GEO series accession.*place it"):
+        download_series_file("foo", "_raw_counts.RData.gz", target, tmp_path / "geo", offline_hint="place it")
+    assert not target.exists()
