@@ -79,7 +79,8 @@ def read_rdata_counts(path: str | Path, name: str | None = "raw_counts") -> tupl
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, NotImplementedError, KeyError,
             IndexError, TypeError, AssertionError) as err:
         raise InputError(f"{path}: cannot read as an R data file; it may be truncated or corrupt "
-                         f"({type(err).__name__}: {err}). Delete it and rerun to download it again, or place a complete copy there") from None
+                         f"({type(err).__name__}: {err}). Delete it and rerun to download it again, "
+                         "or place a complete copy there") from None
     if not isinstance(objects, dict):
         raise InputError(f"{path}: expected an R save() file of named objects, found {type(objects).__name__}")
     matrices = {key: value for key, value in objects.items() if _is_dgcmatrix(value)}

@@ -222,7 +222,8 @@ def test_stage0_downloads_through_a_local_server(tmp_path, local_server, monkeyp
     import models.geo as geo
 
     gene_length = b"Gene name,Transcript start (bp),Transcript end (bp)\nGENE_A,1,100\n"
-    local_server["/soft/GSE130148_family.soft.gz"] = (200, _soft(local_server.base + "/suppl/GSE130148_raw_counts.RData.gz"), {})
+    rdata_url = local_server.base + "/suppl/GSE130148_raw_counts.RData.gz"
+    local_server["/soft/GSE130148_family.soft.gz"] = (200, _soft(rdata_url), {})
     local_server["/suppl/GSE130148_raw_counts.RData.gz"] = (200, (DATA / "tiny_counts.RData.gz").read_bytes(), {})
     local_server["/GeneLength.txt"] = (200, gene_length, {})
     monkeypatch.setattr(geo, "GEO_SOFT_URL", local_server.base + "/soft/{accession}_family.soft.gz")
