@@ -212,7 +212,10 @@ def write_dataset(adata, folder: Path, write_h5ad: bool = True) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     counts = sp.csr_matrix(adata.X)
     write_mtx(folder / MATRIX, counts.T)
-    gene_ids = adata.var["gene_ids"].astype(str).tolist() if "gene_ids" in adata.var else None
+    gene_ids = None
+    if "gene_ids" in adata.var:  # a missing id (NaN, "") falls back to the symbol
+        ids = adata.var["gene_ids"]
+        gene_ids = ids.astype(object).where(ids.notna(), "").astype(str).tolist()
     write_genes(folder / GENES, adata.var_names, gene_ids)
     write_lines(folder / BARCODES, adata.obs_names)
     clusters = pd.DataFrame({
