@@ -38,9 +38,9 @@ FORCE = False  # rewrite matrix.mtx/genes.tsv/barcodes.tsv even when they exist
 # -----------------------------------------------------------------------------
 
 
-def offline_hint(paths: Paths) -> str:
+def offline_hint(paths: Paths, accession: str = GEO_ACCESSION) -> str:
     """What to place where to run without network (the README's offline section)."""
-    return (f"To run offline, place {paths.rdata.name} (GEO {GEO_ACCESSION}'s supplementary file) at {paths.rdata} "
+    return (f"To run offline, place {paths.rdata.name} (GEO {accession}'s supplementary file) at {paths.rdata} "
             f"and GeneLength.txt (TAPE's data/GeneLength.txt) at {paths.gene_length}, then rerun")
 
 
@@ -50,7 +50,7 @@ def fetch_inputs(cfg, paths: Paths) -> None:
         paths.raw_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"cannot create {paths.raw_dir} ({err.strerror}); choose a writable DATA_DIR") from None
-    hint = offline_hint(paths)
+    hint = offline_hint(paths, cfg.GEO_ACCESSION)
     if paths.rdata.exists():
         log.info("using existing %s", paths.rdata)
     else:
