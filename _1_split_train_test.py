@@ -62,6 +62,7 @@ def load_raw(paths: Paths):
             raise InputError(f"{paths.raw_h5ad}: cannot read ({err})") from None
         source = paths.raw_h5ad
         counts, genes, barcodes = adata.X, adata.var_names, adata.obs_names
+        gene_ids = adata.var["gene_ids"].astype(str).tolist() if "gene_ids" in adata.var else None
     else:
         needed = (paths.raw_matrix, paths.raw_genes, paths.raw_barcodes)
         missing = [str(p) for p in needed if not p.exists()]
@@ -69,14 +70,14 @@ def load_raw(paths: Paths):
             raise InputError(f"missing {', '.join(missing)}: run _0_download_data.py first, "
                              f"or place your own raw/cells.h5ad (see README)")
         source = paths.raw_matrix
-        genes, barcodes = io.read_lines(paths.raw_genes), io.read_lines(paths.raw_barcodes)
+        (genes, gene_ids), barcodes = io.read_genes(paths.raw_genes), io.read_lines(paths.raw_barcodes)
         counts = io.read_mtx(paths.raw_matrix)
         if counts.shape != (len(genes), len(barcodes)):
             raise InputError(f"{paths.raw_matrix}: shape {counts.shape} does not match {len(genes)} genes "
                              f"x {len(barcodes)} barcodes (expected genes x cells)")
         counts = counts.T
     io.check_counts(counts, source)
-    adata = io.make_anndata(counts, genes, barcodes)
+    adata = io.make_anndata(counts, genes, barcodes, gene_ids=gene_ids)
     if adata.var_names.has_duplicates:
         log.warning("%s: %d duplicated gene names made unique", source, int(adata.var_names.duplicated().sum()))
         adata.var_names_make_unique()
@@ -156,8 +157,8 @@ def main(argv=None) -> None:
     adata = adata[keep].copy()
     cell_types = cell_types[keep]
     io.set_labels(adata, cell_types.to_numpy())
-    # Keep only the raw counts and labels; QC columns stay in obs for users.
-    adata.var = adata.var[[]]
+    # Keep only the raw counts, labels and gene ids (genes.tsv's first column); QC columns stay in obs.
+    adata.var = adata.var[[c for c in ("gene_ids",) if c in adata.var]]
 
     train, test = stratified_split(adata.obs["cell_type"].astype(str), cfg.TEST_FRACTION, cfg.SEED)
     io.write_dataset(adata[train].copy(), paths.train_dir)

@@ -176,17 +176,20 @@ def main(argv=None) -> pd.DataFrame:
         log.info("reference %s: %d cells x %d genes, %d types, %s counts", paths.sctape_reference,
                  reference.shape[0], reference.shape[1], reference.index.nunique(), protocol)
         reference_genes = reference.columns
+        reference_ids = io.known_gene_ids(paths.train_dir, reference_genes)  # a 10x genes.tsv's id column
         profile = tape.reference_profile(reference, protocol, gene_lengths)
     else:
         ckpt = tape.load_checkpoint(paths.tape_checkpoint)
         reference_genes, protocol = ckpt["genes"], tape.checkpoint_protocol(ckpt)
+        reference_ids = ckpt.get("gene_ids")
         profile = tape.checkpoint_profile(ckpt)
         log.info("loaded %s (%d genes, %d cell types, %s reference)", paths.tape_checkpoint, len(ckpt["genes"]),
                  len(ckpt["cell_types"]), protocol)
 
     bulk_tpm, bulk_report = tape.prepare_bulk(tape.read_table(bulk_path), cfg.BULK_UNIT, reference_genes,
                                               gene_lengths, cfg.MIN_SHARED_GENES, str(bulk_path),
-                                              protocol=cfg.BULK_PROTOCOL, profile=profile)
+                                              protocol=cfg.BULK_PROTOCOL, profile=profile,
+                                              reference_ids=reference_ids)
 
     model = None
     if cfg.RETRAIN:
@@ -199,6 +202,8 @@ def main(argv=None) -> pd.DataFrame:
             reference_protocol=protocol)
         fit = tape.fit_tape(reference, bulk_tpm, gene_lengths, settings, paths.checkpoints_dir, n_threads)
         fit.halfwidth = calibrate_intervals(fit, reference, gene_lengths, cfg, paths, n_threads)
+        if reference_ids is not None:
+            fit.gene_ids = [dict(zip(map(str, reference_genes), reference_ids))[g] for g in fit.genes]
         del reference
         tape.save_checkpoint(fit, paths.tape_checkpoint)
         log.info("wrote %s (%d genes)", paths.tape_checkpoint, len(fit.genes))

@@ -61,7 +61,7 @@ import torch
 from models import condition, distributed, evaluation, generate, plots, sharded
 from models.baseline import fit_nb_per_type
 from models.config import load_config, save_config
-from models.io import atomic_path, encode_labels, read_dataset
+from models.io import atomic_path, encode_labels, known_gene_ids, read_dataset
 from models.metrics import proportion_metrics
 from models.paths import Paths, resolve
 from models.train import load_gmvae
@@ -155,10 +155,11 @@ def cell_counts_table(cfg, paths: Paths, cell_types: list[str], test) -> pd.Data
     return generate.replicate_cell_counts(proportions, lower, upper, int(n_cells), cfg.REPLICATES, cfg.SEED)
 
 
-def read_bulk(path: Path, genes: list[str]) -> pd.DataFrame:
+def read_bulk(path: Path, genes: list[str], gene_ids: list[str] | None = None) -> pd.DataFrame:
+    """samples x genes, its genes matched to the GMVAE's (case, Ensembl versions, ids: models.genes)."""
     from models.deconvolution import check_bulk_values, orient_bulk, read_table
 
-    return check_bulk_values(orient_bulk(read_table(path), genes, str(path))[0], str(path))
+    return check_bulk_values(orient_bulk(read_table(path), genes, str(path), gene_ids)[0], str(path))
 
 
 def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prior: str, calibrate: bool) -> dict:
@@ -178,11 +179,12 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
         return {}
     log.info("conditioning on the bulk %s: %s mode, because %s", bulk_path, mode, why)
     bulk_samples = counts.attrs.get("bulk_sample", list(counts.index))  # COUNTS_FROM=draw: replicates share a bulk
-    bulk = condition.align_samples(read_bulk(bulk_path, genes), bulk_samples, str(bulk_path))
+    gene_ids = known_gene_ids(paths.train_dir, genes)
+    bulk = condition.align_samples(read_bulk(bulk_path, genes, gene_ids), bulk_samples, str(bulk_path))
     bulk = bulk.set_axis([str(s) for s in counts.index], axis=0)
     baseline = None
     if cfg.BULK_BASELINE:
-        baseline_table = read_bulk(resolve(cfg.BULK_BASELINE), genes)
+        baseline_table = read_bulk(resolve(cfg.BULK_BASELINE), genes, gene_ids)
         common = bulk.columns.intersection(baseline_table.columns)
         baseline = condition.bulk_profiles(baseline_table[common], genes, cfg.CONDITION_MIN_GENES,
                                            cfg.BULK_BASELINE)[0].mean(0)
@@ -341,13 +343,16 @@ def generate_all(cfg, ctx) -> dict:
             log_mean_shift=fit.log_mean_shift)
     condition_summary = {}
 
+    gene_ids = known_gene_ids(paths.train_dir, genes)  # genes.tsv's id column, where _1_ had ids
+
     def folder_of(sample):
         return paths.generated_dir / safe_name(sample) if several else paths.generated_dir
 
     if ctx.distributed:  # every rank draws its share of every sample; the files equal one process's
         sharded.write_generated_sharded([folder_of(s) for s in counts.index], [samplers[str(s)] for s in counts.index],
                                         genes, cell_types, [counts.loc[s].to_numpy() for s in counts.index],
-                                        list(map(str, counts.index)), cfg.SEED, cfg.CHUNK_CELLS, ctx, device=device)
+                                        list(map(str, counts.index)), cfg.SEED, cfg.CHUNK_CELLS, ctx, device=device,
+                                        gene_ids=gene_ids)
         if not ctx.is_main:  # rank 0 alone scores, draws the figures and writes config.json
             return {}
     summary, shares = {}, {}
@@ -365,7 +370,7 @@ def generate_all(cfg, ctx) -> dict:
         else:
             codes, kept = generate.write_generated(
                 folder, sample_sampler, genes, cell_types, per_type.to_numpy(), cfg.SEED, cfg.CHUNK_CELLS,
-                stream=stream, sample=str(sample), keep_cells=keep_cells, device=device)
+                stream=stream, sample=str(sample), keep_cells=keep_cells, device=device, gene_ids=gene_ids)
         shares[str(sample)] = per_type / per_type.sum()
         log.info("wrote %s (matrix.mtx, cells.h5ad, clusters.csv); peak RSS %.0f MiB", folder, peak_rss_mb())
         if fit is not None:

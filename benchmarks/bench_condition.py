@@ -84,7 +84,7 @@ def read_kang():
 
     source = SHARED / "kang_ifnb"
     counts = io.read_mtx(source / "matrix.mtx.gz").T.tocsr()
-    genes, barcodes = io.read_lines(source / "genes.tsv"), io.read_lines(source / "barcodes.tsv")
+    genes, barcodes = io.read_gene_names(source / "genes.tsv"), io.read_lines(source / "barcodes.tsv")
     obs = pd.read_csv(source / "celltypes.csv").set_index("barcode").loc[barcodes]
     return counts, genes, obs
 

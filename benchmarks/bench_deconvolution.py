@@ -146,7 +146,7 @@ def load_zheng(shared: Path, name: str = "pbmc_zheng7"):
     """A shared reference in the 10x layout (pbmc_zheng7, pbmc3k_labelled) -> (cells x genes CSR, genes, labels)."""
     folder = shared / name
     counts = sp.csr_matrix(scipy.io.mmread(str(folder / "matrix.mtx.gz"))).T.tocsr()  # cells x genes
-    genes = io.read_lines(folder / "genes.tsv")
+    genes = io.read_gene_names(folder / "genes.tsv")
     barcodes = io.read_lines(folder / "barcodes.tsv")
     labels = pd.read_csv(folder / "celltypes.csv").set_index("barcode").loc[barcodes, "cell_type"].astype(str)
     return counts, genes, labels.to_numpy()

@@ -144,7 +144,7 @@ def prepare_pbmc(root: Path) -> None:
 
     source = SHARED / "pbmc_zheng7"
     counts = io.read_mtx(source / "matrix.mtx.gz").T.tocsr()  # cells x genes
-    genes, barcodes = io.read_lines(source / "genes.tsv"), io.read_lines(source / "barcodes.tsv")
+    genes, barcodes = io.read_gene_names(source / "genes.tsv"), io.read_lines(source / "barcodes.tsv")
     labels = pd.read_csv(source / "celltypes.csv").set_index("barcode").loc[barcodes, "cell_type"].astype(str)
     adata = io.make_anndata(counts, genes, barcodes, labels.to_numpy())
     train, test = stratified_split(adata.obs["cell_type"], 0.25, 123)

@@ -99,9 +99,11 @@ def bulk_profiles(bulk: pd.DataFrame, genes, min_shared_genes: int, source: str)
     columns = pd.Index([str(c) for c in bulk.columns])
     shared = genes.isin(columns)
     if int(shared.sum()) < min_shared_genes:
+        from models.genes import describe_mismatch
+
         raise InputError(f"{source}: only {int(shared.sum())} of its genes are among the GMVAE's {len(genes)} "
-                         f"(CONDITION_MIN_GENES={min_shared_genes}); check the gene naming (symbols vs Ensembl "
-                         "IDs) and the orientation, or pass --CONDITION=none")
+                         f"(CONDITION_MIN_GENES={min_shared_genes}): {describe_mismatch(list(columns), list(genes))}; "
+                         "or pass --CONDITION=none")
     values = bulk.set_axis(columns, axis=1).reindex(columns=genes).to_numpy(dtype=np.float64)
     values = np.where(shared[None, :], np.nan_to_num(values), 0.0)
     totals = values.sum(axis=1, keepdims=True)

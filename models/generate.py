@@ -33,7 +33,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from models.io import atomic_path, write_lines, write_table
+from models.io import atomic_path, write_genes, write_lines, write_table
 from models.paths import BARCODES, CLUSTERS, GENES, H5AD, MATRIX
 from models.utils import InputError
 
@@ -470,13 +470,15 @@ class DatasetWriter:
     """Write a generated dataset folder chunk by chunk; files appear only when ``close`` succeeds.
 
     genes: the model's genes (var_names); type_codes: partition code of every cell, in the
-    order chunks will arrive; cell_types: names of codes 0..K-1.
+    order chunks will arrive; cell_types: names of codes 0..K-1; gene_ids: the genes' ids for
+    genes.tsv's first column (None: the symbols again, 10x's layout either way).
     """
     folder: Path
     genes: Sequence[str]
     type_codes: np.ndarray
     cell_types: Sequence[str]
     sample: str = "sample"
+    gene_ids: Sequence[str] | None = None
     n_written: int = 0
     nnz: int = 0
     _tmp: list = field(default_factory=list)
@@ -558,7 +560,7 @@ class DatasetWriter:
                 shutil.copyfileobj(body, out, length=1 << 24)
         os.replace(self._h5_path, self.folder / H5AD)
         self._body_path.unlink()
-        write_lines(self.folder / GENES, [str(g) for g in self.genes])
+        write_genes(self.folder / GENES, [str(g) for g in self.genes], self.gene_ids)
         write_lines(self.folder / BARCODES, self.barcodes)
         clusters = pd.DataFrame({"partition": self.type_codes,
                                  "cell_type": np.asarray([str(c) for c in self.cell_types])[self.type_codes]})
@@ -594,7 +596,8 @@ def evaluation_subset(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
 def write_generated(folder: Path, sampler: Sampler, genes: Sequence[str], cell_types: Sequence[str],
                     counts_per_type: Sequence[int], seed: int, chunk_cells: int, stream: int = 0,
                     sample: str = "sample", keep_cells: int = 0, device: str | torch.device = "cpu",
-                    block_cells: int = BLOCK_CELLS, progress: bool = True) -> tuple[np.ndarray, sp.csr_matrix]:
+                    block_cells: int = BLOCK_CELLS, progress: bool = True,
+                    gene_ids: Sequence[str] | None = None) -> tuple[np.ndarray, sp.csr_matrix]:
     """Generate and write one dataset folder; return (type codes, counts of a kept subset).
 
     The kept subset (at most ``keep_cells`` cells, chosen with ``seed``) is what the
@@ -605,7 +608,7 @@ def write_generated(folder: Path, sampler: Sampler, genes: Sequence[str], cell_t
     keep = evaluation_subset(len(type_codes), keep_cells, seed)
     kept: list[sp.csr_matrix] = []
     offset = 0
-    with DatasetWriter(folder, genes, type_codes, cell_types, sample=sample) as writer:
+    with DatasetWriter(folder, genes, type_codes, cell_types, sample=sample, gene_ids=gene_ids) as writer:
         for chunk in generate_chunks(sampler, type_codes, seed, chunk_cells, stream=stream,
                                      block_cells=block_cells, device=device, progress=progress):
             writer.append(chunk)

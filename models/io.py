@@ -3,7 +3,9 @@
 A dataset folder (``raw/``, ``train/``, ``test/``, ``generated/``) holds
 
 - ``matrix.mtx``  integer raw counts, genes x cells (10x / original bulk2sc orientation)
-- ``genes.tsv``   one gene per line; ``barcodes.tsv`` one barcode per line
+- ``genes.tsv``   10x's two columns, ``gene_id<TAB>symbol`` (the symbol twice where no id is
+  known), so ``scanpy.read_10x_mtx`` and Seurat's ``Read10X`` open the folder; one-column
+  files (a symbol per line) are read too. ``barcodes.tsv`` one barcode per line
 - ``clusters.csv`` columns ``partition`` (0..K-1) and ``cell_type``, one row per barcode
 - ``cells.h5ad``  the same cells x genes, raw counts in ``X``, ``obs["cell_type"]``
 
@@ -58,9 +60,61 @@ def write_lines(path: Path, lines: Sequence[str]) -> None:
 
 
 def read_lines(path: Path) -> list[str]:
-    """One entry per line; for 10x-style multi-column TSVs, the first column (gene id or name)."""
+    """One entry per line; for multi-column TSVs, the first column (barcodes; not gene names:
+    :func:`read_genes` takes a 10x genes.tsv's symbol column)."""
     with open(path) as handle:
         return [line.rstrip("\n").split("\t")[0] for line in handle if line.strip()]
+
+
+def write_genes(path: Path, symbols: Sequence[str], gene_ids: Sequence[str] | None = None) -> None:
+    """A 10x ``genes.tsv``: ``gene_id<TAB>symbol`` per line; the symbol stands in for unknown ids."""
+    symbols = [str(s) for s in symbols]
+    ids = symbols if gene_ids is None else [str(g) if str(g) else s for g, s in zip(gene_ids, symbols)]
+    if len(ids) != len(symbols):
+        raise ValueError(f"{len(ids)} gene ids for {len(symbols)} symbols")
+    write_lines(path, [f"{gene_id}\t{symbol}" for gene_id, symbol in zip(ids, symbols)])
+
+
+def read_genes(path: Path) -> tuple[list[str], list[str] | None]:
+    """(symbols, ids or None) of a ``genes.tsv`` / ``features.tsv``.
+
+    One column: symbols (the pipeline's gene names), no ids. Two or more (10x: id, symbol,
+    feature type): the second column is the symbol, the first the id; ids are None when every
+    id equals its symbol (what the pipeline writes where it knows no id).
+    """
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+    widths = {len(row) for row in rows}
+    if len(widths) > 1:
+        raise InputError(f"{path}: rows have {sorted(widths)} columns; one gene per line, or 10x's "
+                         "gene_id<TAB>symbol on every line")
+    if not rows or widths == {1}:
+        return [row[0] for row in rows], None
+    ids, symbols = [row[0] for row in rows], [row[1] for row in rows]
+    return symbols, (None if ids == symbols else ids)
+
+
+def read_gene_names(path: Path) -> list[str]:
+    """The gene symbols of a one- or two-column ``genes.tsv`` (see :func:`read_genes`)."""
+    return read_genes(path)[0]
+
+
+def known_gene_ids(folder: Path, genes: Sequence[str]) -> list[str] | None:
+    """Ids of ``genes`` from ``folder``'s two-column genes.tsv, or None without one (or if a gene lacks one)."""
+    path = Path(folder) / GENES
+    if not path.exists():
+        return None
+    symbols, ids = read_genes(path)
+    if ids is None:
+        return None
+    by_symbol = dict(zip(symbols, ids))
+    if not all(str(g) in by_symbol for g in genes):
+        return None
+    return [by_symbol[str(g)] for g in genes]
 
 
 def write_table(frame: pd.DataFrame, path: Path, sep: str = ",", index: bool = True) -> None:
@@ -127,8 +181,11 @@ def read_mtx(path: Path) -> sp.csr_matrix:
 
 # ----------------------------------------------------------------------------- datasets
 def make_anndata(cells_by_genes: sp.spmatrix, genes: Sequence[str], barcodes: Sequence[str],
-                 cell_types=None, order: Sequence[str] | None = None):
-    """AnnData of raw counts (CSR, float32) with ``obs['cell_type']`` (categorical) and ``obs['partition']``."""
+                 cell_types=None, order: Sequence[str] | None = None, gene_ids: Sequence[str] | None = None):
+    """AnnData of raw counts (CSR, float32) with ``obs['cell_type']`` (categorical) and ``obs['partition']``.
+
+    ``gene_ids`` (e.g. Ensembl ids of the symbols in ``genes``) go to ``var['gene_ids']``, as scanpy keeps them.
+    """
     import anndata as ad
 
     adata = ad.AnnData(
@@ -136,6 +193,8 @@ def make_anndata(cells_by_genes: sp.spmatrix, genes: Sequence[str], barcodes: Se
         obs=pd.DataFrame(index=pd.Index(list(barcodes), dtype=str, name="barcode")),
         var=pd.DataFrame(index=pd.Index(list(genes), dtype=str, name="gene")),
     )
+    if gene_ids is not None:
+        adata.var["gene_ids"] = [str(g) for g in gene_ids]
     if cell_types is not None:
         set_labels(adata, cell_types, order)
     return adata
@@ -153,7 +212,11 @@ def write_dataset(adata, folder: Path, write_h5ad: bool = True) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     counts = sp.csr_matrix(adata.X)
     write_mtx(folder / MATRIX, counts.T)
-    write_lines(folder / GENES, adata.var_names)
+    gene_ids = None
+    if "gene_ids" in adata.var:  # a missing id (NaN, "") falls back to the symbol
+        ids = adata.var["gene_ids"]
+        gene_ids = ids.astype(object).where(ids.notna(), "").astype(str).tolist()
+    write_genes(folder / GENES, adata.var_names, gene_ids)
     write_lines(folder / BARCODES, adata.obs_names)
     clusters = pd.DataFrame({
         "partition": adata.obs["partition"].to_numpy(),
@@ -194,7 +257,7 @@ def read_dataset(folder: Path, stage: str = "_1_split_train_test.py", prefer_h5a
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise InputError(f"missing {', '.join(missing)}: run {stage} first")
-    genes, barcodes = read_lines(folder / GENES), read_lines(folder / BARCODES)
+    (genes, gene_ids), barcodes = read_genes(folder / GENES), read_lines(folder / BARCODES)
     counts = read_mtx(folder / MATRIX)
     if counts.shape != (len(genes), len(barcodes)):
         raise InputError(
@@ -212,7 +275,7 @@ def read_dataset(folder: Path, stage: str = "_1_split_train_test.py", prefer_h5a
         names, order = clusters["partition"].astype(str), None
     else:
         raise InputError(f"{folder / CLUSTERS}: needs a 'partition' or 'cell_type' column")
-    return make_anndata(counts.T, genes, barcodes, names, order)
+    return make_anndata(counts.T, genes, barcodes, names, order, gene_ids=gene_ids)
 
 
 def read_type_order(path: Path, stage: str = "_1_split_train_test.py") -> list[str]:

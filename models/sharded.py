@@ -83,12 +83,12 @@ def write_part(folder: Path, sampler, type_codes: np.ndarray, n_genes: int, seed
 
 
 def merge_parts(folder: Path, genes: Sequence[str], type_codes: np.ndarray, cell_types: Sequence[str],
-                sample: str, world_size: int) -> None:
+                sample: str, world_size: int, gene_ids: Sequence[str] | None = None) -> None:
     """Replay every rank's chunks, in order, into the single-process writer; remove the parts."""
     import h5py
 
     folder = Path(folder)
-    with DatasetWriter(folder, genes, type_codes, cell_types, sample=sample) as writer:
+    with DatasetWriter(folder, genes, type_codes, cell_types, sample=sample, gene_ids=gene_ids) as writer:
         for rank in range(world_size):
             h5_path, mtx_path = part_paths(folder, rank)
             with h5py.File(h5_path, "r") as part:
@@ -110,7 +110,7 @@ def merge_parts(folder: Path, genes: Sequence[str], type_codes: np.ndarray, cell
 def write_generated_sharded(folders: Sequence[Path], samplers: Sequence, genes: Sequence[str], cell_types: Sequence[str],
                             counts_per_sample: Sequence[Sequence[int]], samples: Sequence[str], seed: int,
                             chunk_cells: int, ctx: distributed.Context, device="cpu",
-                            block_cells: int = BLOCK_CELLS) -> None:
+                            block_cells: int = BLOCK_CELLS, gene_ids: Sequence[str] | None = None) -> None:
     """Every sample's folder, drawn by all ranks (with that sample's sampler) and merged by rank
     (sample index mod N).
 
@@ -123,7 +123,7 @@ def write_generated_sharded(folders: Sequence[Path], samplers: Sequence, genes: 
                    device, block_cells, progress=ctx.is_main)
         distributed.barrier(ctx)  # every part of this sample is on disk
         if ctx.rank == stream % ctx.world_size:
-            merge_parts(folder, genes, type_codes, cell_types, str(sample), ctx.world_size)
+            merge_parts(folder, genes, type_codes, cell_types, str(sample), ctx.world_size, gene_ids)
     distributed.barrier(ctx)
 
 

@@ -72,12 +72,19 @@ def test_pipeline_end_to_end(chain_dir, tmp_path, monkeypatch):
     gene_length_table(genes).to_csv(paths.gene_length, index=False)
     _run("_0_download_data.py", chain_dir, fig_dir)
     assert io.read_mtx(paths.raw_matrix).shape == (150, 300)
+    import scanpy as sc  # every folder the pipeline writes opens with the ecosystem's 10x reader
+
+    raw = sc.read_10x_mtx(paths.raw_dir)
+    assert list(raw.var_names) == genes and list(raw.obs_names) == barcodes
 
     # _1_ with given labels (the type is the barcode's prefix)
     labels = pd.DataFrame({"barcode": barcodes, "cell_type": [b.split("_")[0] for b in barcodes]})
     labels.to_csv(paths.raw_cell_types, index=False)
     _run("_1_split_train_test.py", chain_dir, fig_dir)
     train, test = io.read_dataset(paths.train_dir), io.read_dataset(paths.test_dir)
+    for split in (train, test):
+        read_10x = sc.read_10x_mtx(paths.train_dir if split is train else paths.test_dir)
+        assert list(read_10x.var_names) == list(split.var_names) and (read_10x.X != split.X).nnz == 0
     assert list(train.obs["cell_type"].cat.categories) == ["alpha", "beta", "gamma"]
     assert set(train.obs_names).isdisjoint(test.obs_names)
     for name in ["alpha", "beta", "gamma"]:
@@ -125,6 +132,10 @@ def test_pipeline_end_to_end(chain_dir, tmp_path, monkeypatch):
     assert len(matrices) == 3
     for matrix_path in matrices:
         generated = io.read_dataset(matrix_path.parent, prefer_h5ad=False)
+        read_10x = sc.read_10x_mtx(matrix_path.parent)
+        assert list(read_10x.var_names) == list(generated.var_names)
+        assert list(read_10x.obs_names) == list(generated.obs_names)
+        assert (read_10x.X != generated.X).nnz == 0
         assert generated.n_obs == test.n_obs  # N_CELLS defaults to the test set's size
         assert list(generated.var_names) == list(train.var_names)
         io.check_counts(generated.X, matrix_path)
@@ -186,3 +197,28 @@ def test_missing_input_names_the_earlier_stage(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 1
     assert "GeneLength.txt" in run.stderr and "_0_download_data.py" in run.stderr
+
+
+def test_split_keeps_gene_ids_of_a_two_column_genes_tsv(chain_dir, tmp_path):
+    """raw/genes.tsv with ids (10x gene_id<TAB>symbol): train/ and test/ keep them, symbols name the genes."""
+    data_dir = tmp_path / "ids"
+    shutil.copytree(Paths(chain_dir).raw_dir, data_dir / "raw")
+    paths = Paths(data_dir)
+    if not paths.raw_matrix.exists():  # run alone: the end-to-end test has not filled raw/
+        from models.geo import read_rdata_counts
+
+        gene_length_table(read_rdata_counts(paths.rdata)[1]).to_csv(paths.gene_length, index=False)
+        _run("_0_download_data.py", data_dir, tmp_path)
+    symbols = io.read_gene_names(paths.raw_genes)
+    ids = [f"ENSG{i:011d}" for i in range(len(symbols))]
+    io.write_genes(paths.raw_genes, symbols, ids)
+    if not paths.raw_cell_types.exists():
+        barcodes = io.read_lines(paths.raw_barcodes)
+        pd.DataFrame({"barcode": barcodes, "cell_type": [b.split("_")[0] for b in barcodes]}).to_csv(
+            paths.raw_cell_types, index=False)
+    _run("_1_split_train_test.py", data_dir, tmp_path / "fig")
+    by_symbol = dict(zip(symbols, ids))
+    for folder in (paths.train_dir, paths.test_dir):
+        kept, kept_ids = io.read_genes(folder / "genes.tsv")
+        assert kept_ids == [by_symbol[s] for s in kept] and set(kept) <= set(symbols)
+        assert list(io.read_dataset(folder).var["gene_ids"]) == kept_ids

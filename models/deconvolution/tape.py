@@ -120,6 +120,7 @@ class TapeFit:
     simulate_seconds: float = 0.0
     profile: pd.Series | None = None  # reference_profile(), for telling a new bulk's protocol
     halfwidth: pd.Series | None = None  # per-type half-width of the 90 % intervals (intervals.conformal_halfwidth)
+    gene_ids: list[str] | None = None  # ids of `genes` (e.g. Ensembl) when the reference had them
     extra: dict = field(default_factory=dict)
 
 
@@ -253,6 +254,9 @@ def checkpoint_dict(fit: TapeFit) -> dict:
         # The reference's mean TPM over `genes`: lets a reloaded model tell a new bulk's protocol.
         **({} if fit.profile is None else
            {"profile": torch.as_tensor(fit.profile.reindex(fit.genes).to_numpy(np.float64))}),
+        # The genes' ids (a list of strings, so weights_only loading still works): a reloaded
+        # model matches a bulk named by id too (models.genes.match_genes).
+        **({} if fit.gene_ids is None else {"gene_ids": [str(g) for g in fit.gene_ids]}),
         # Per-type half-width of the 90 % intervals, in cell_types order (absent before they existed).
         **({} if fit.halfwidth is None else
            {"halfwidth": torch.as_tensor(fit.halfwidth.reindex(fit.cell_types).to_numpy(np.float64))}),

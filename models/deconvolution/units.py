@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from models.bulk import PROTOCOLS, counts_to_cpm, counts_to_expression, counts_to_tpm, length_bias_slope
+from models.genes import describe_mismatch, match_genes, rename_columns
 from models.utils import InputError
 
 log = logging.getLogger(__name__)
@@ -115,21 +116,43 @@ def decide_protocol(counts: pd.DataFrame, requested: str, profile: pd.Series | N
     return requested, slope
 
 
-def orient_bulk(table: pd.DataFrame, reference_genes, source: str) -> tuple[pd.DataFrame, str]:
-    """samples x genes, deciding the orientation by which axis overlaps the reference genes more."""
-    genes = pd.Index(reference_genes).astype(str)
-    by_columns = len(pd.Index(table.columns.astype(str)).intersection(genes))
-    by_rows = len(pd.Index(table.index.astype(str)).intersection(genes))
-    if by_rows > by_columns:
-        table, orientation = table.T, "genes x samples (transposed)"
+def orient_bulk(table: pd.DataFrame, reference_genes, source: str,
+                reference_ids=None) -> tuple[pd.DataFrame, str]:
+    """samples x genes, deciding the orientation by which axis matches the reference genes more
+    (on a tie, the longer axis holds the genes).
+
+    Genes are matched by :func:`models.genes.match_genes` (exact, then ignoring case and an
+    Ensembl version; on the reference's ids too when ``reference_ids`` are given), and the
+    matched ones are renamed to the reference's names, so later steps compare names exactly.
+    """
+    genes = [str(g) for g in reference_genes]
+    ids = None if reference_ids is None else [str(g) for g in reference_ids]
+    by_columns = match_genes(table.columns.astype(str), genes, ids, f"{source} (columns)") \
+        if table.shape[1] else None
+    by_rows = match_genes(table.index.astype(str), genes, ids, f"{source} (rows)") if table.shape[0] else None
+    n_columns, n_rows = len(by_columns or ()), len(by_rows or ())
+    # A tie (typically no match either way, e.g. Ensembl ids against symbols): genes are the longer
+    # axis, so the error about too few shared genes describes the genes, not the sample names.
+    if n_rows > n_columns or (n_rows == n_columns and table.shape[0] > table.shape[1]):
+        table, orientation, match = table.T, "genes x samples (transposed)", by_rows
     else:
-        orientation = "samples x genes"
+        orientation, match = "samples x genes", by_columns
     table = table.copy()
     table.index = table.index.astype(str)
     table.columns = table.columns.astype(str)
+    if match is not None and any(q != t for q, t in match.mapping.items()):
+        table = table.rename(columns=match.mapping)
     log.info("%s: %s reference genes in the columns, %s in the rows -> %s",
-             source, by_columns, by_rows, orientation)
+             source, n_columns, n_rows, orientation)
     return table, orientation
+
+
+def too_few_genes(source: str, n_shared: int, bulk_genes, reference_genes, reference_ids, setting: str,
+                  minimum: int, what: str = "genes shared with the reference") -> InputError:
+    """The too-few-shared-genes error: which identifiers each side uses, and how to convert."""
+    advice = describe_mismatch([str(g) for g in bulk_genes], [str(g) for g in reference_genes],
+                               None if reference_ids is None else [str(g) for g in reference_ids])
+    return InputError(f"{source}: only {n_shared} {what} ({setting}={minimum}): {advice}")
 
 
 def check_bulk_values(bulk: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -162,7 +185,7 @@ def check_bulk_values(bulk: pd.DataFrame, source: str) -> pd.DataFrame:
 
 def prepare_bulk(table: pd.DataFrame, unit: str, reference_genes, gene_lengths: pd.Series | None,
                  min_shared_genes: int, source: str, protocol: str = "full_length",
-                 profile: pd.Series | None = None) -> tuple[pd.DataFrame, BulkReport]:
+                 profile: pd.Series | None = None, reference_ids=None) -> tuple[pd.DataFrame, BulkReport]:
     """A user's bulk table -> samples x genes TPM, with checks and a report.
 
     unit: "counts" or "TPM" (used as is: TPM is already per transcript).
@@ -170,11 +193,12 @@ def prepare_bulk(table: pd.DataFrame, unit: str, reference_genes, gene_lengths: 
     counts2TPM), "umi" (UMI counts, e.g. a pseudo-bulk of 10x cells: CPM, which is their TPM)
     or "auto" (decided by :func:`decide_protocol` against the reference ``profile``).
     Raises InputError naming ``source`` for bad values or fewer than ``min_shared_genes``
-    genes shared with the reference.
+    genes shared with the reference (saying which identifiers each side uses). Genes are matched
+    as :func:`orient_bulk` does (case, Ensembl versions, the reference's ``reference_ids``).
     """
     if unit not in UNITS:
         raise InputError(f"BULK_UNIT must be one of {UNITS}, got {unit!r}")
-    bulk, orientation = orient_bulk(table, reference_genes, source)
+    bulk, orientation = orient_bulk(table, reference_genes, source, reference_ids)
     n_dup = int(bulk.columns.duplicated().sum())
     bulk = check_bulk_values(bulk, source)
     genes = pd.Index(reference_genes).astype(str)
@@ -185,9 +209,7 @@ def prepare_bulk(table: pd.DataFrame, unit: str, reference_genes, gene_lengths: 
     if protocol not in BULK_PROTOCOLS:
         raise InputError(f"BULK_PROTOCOL must be one of {BULK_PROTOCOLS}, got {protocol!r}")
     if n_ref < min_shared_genes:
-        raise InputError(f"{source}: only {n_ref} genes shared with the reference (MIN_SHARED_GENES="
-                         f"{min_shared_genes}); check the gene naming (symbols vs Ensembl IDs) "
-                         "and the orientation")
+        raise too_few_genes(source, n_ref, bulk.columns, genes, reference_ids, "MIN_SHARED_GENES", min_shared_genes)
     values = bulk.to_numpy()
     looks_integer = np.allclose(values, np.round(values))
     if unit == "TPM":
@@ -262,11 +284,16 @@ def scale_samples(tpm: pd.DataFrame, genes: list[str]) -> np.ndarray:
 
 
 def align_genes(bulk_tpm: pd.DataFrame, genes: list[str], min_shared_genes: int, source: str) -> pd.DataFrame:
-    """The bulk over a saved model's genes; absent genes are set to 0 with a warning."""
+    """The bulk over a saved model's genes; absent genes are set to 0 with a warning.
+
+    Names are matched as :func:`orient_bulk` does (a no-op after :func:`prepare_bulk`).
+    """
+    bulk_tpm, _ = rename_columns(bulk_tpm, genes, source=source)
     present = bulk_tpm.columns.intersection(genes)
     if len(present) < min_shared_genes:
-        raise InputError(f"{source}: only {len(present)} of the model's {len(genes)} genes are in the bulk "
-                         f"(MIN_SHARED_GENES={min_shared_genes}); retrain with --RETRAIN=true on this bulk")
+        error = too_few_genes(source, len(present), bulk_tpm.columns, genes, None, "MIN_SHARED_GENES",
+                              min_shared_genes, f"of the model's {len(genes)} genes are in the bulk")
+        raise InputError(f"{error}; or retrain with --RETRAIN=true on this bulk")
     if len(present) < len(genes):
         log.warning("%s: %d of the model's %d genes are absent from the bulk and set to 0",
                     source, len(genes) - len(present), len(genes))
