@@ -24,7 +24,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from models.paths import BARCODES, CLUSTERS, GENES, H5AD, MATRIX
-from models.utils import InputError
+from models.utils import InputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,47 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def save_torch(obj, path: str | Path) -> None:
+    """``torch.save`` atomically, through a file handle: the zip's inner folder is then always
+    ``archive/`` (given a path, torch names it after the random temporary file), so the same
+    tensors give the same bytes."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def load_torch(path: str | Path, what: str, fix: str, needed: Sequence[str] = (), device="cpu") -> dict:
+    """A checkpoint dict from ``torch.load(weights_only=True)``; InputError (one line) otherwise.
+
+    ``what`` names the checkpoint in messages ("GMVAE checkpoint"), ``fix`` says what to do, and
+    ``needed`` are keys it must hold. Pickled code (``torch.save(model)``) is refused, never run.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch.save writes a zip: a pickle refused inside a complete zip is pickled code, not damage
+        if ("weights_only" in str(err) or "Weights only" in str(err)) and zipfile.is_zipfile(path):
+            raise InputError(f"{path}: holds pickled Python objects, not only tensors (e.g. a whole model saved "
+                             f"with torch.save(model)); weights_only loading refuses them, as unpickling could "
+                             f"run code. {fix}") from None
+        raise InputError(f"{path}: cannot read the {what}, it may be truncated or corrupt "
+                         f"({type(err).__name__}: {one_line(err)[:200]}); {fix}") from None
+    except Exception as err:  # zip, EOF and runtime errors come in many types
+        raise InputError(f"{path}: cannot read the {what}, it may be truncated or corrupt "
+                         f"({type(err).__name__}: {one_line(err)[:200]}); {fix}") from None
+    if not isinstance(checkpoint, dict) or not set(needed) <= set(checkpoint):
+        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise InputError(f"{path}: not a {what} (it needs keys {sorted(needed)}, found {found}); {fix}")
+    return checkpoint
+
+
 def write_lines(path: Path, lines: Sequence[str]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(f"{line}\n" for line in lines))
@@ -61,6 +102,15 @@ def read_lines(path: Path) -> list[str]:
     """One entry per line; for 10x-style multi-column TSVs, the first column (gene id or name)."""
     with open(path) as handle:
         return [line.rstrip("\n").split("\t")[0] for line in handle if line.strip()]
+
+
+def read_csv_checked(path: Path, fix: str, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv``; an unreadable file is an InputError naming it and ending with ``fix``."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: cannot read as a table, it may be truncated or corrupt "
+                         f"({type(err).__name__}: {one_line(err)[:200]}); {fix}") from None
 
 
 def write_table(frame: pd.DataFrame, path: Path, sep: str = ",", index: bool = True) -> None:
@@ -117,12 +167,13 @@ def write_mtx(path: Path, genes_by_cells: sp.spmatrix) -> None:
             scipy.io.mmwrite(handle, matrix, field="integer")
 
 
-def read_mtx(path: Path) -> sp.csr_matrix:
-    """Read a Matrix Market file (plain or .gz) as CSR, exactly as stored."""
+def read_mtx(path: Path, fix: str = "rerun the stage that wrote it") -> sp.csr_matrix:
+    """Read a Matrix Market file (plain or .gz) as CSR, exactly as stored; ``fix`` ends the error."""
     try:
         return sp.csr_matrix(scipy.io.mmread(str(path)))
-    except (ValueError, OSError, EOFError) as err:
-        raise InputError(f"{path}: cannot read Matrix Market file ({err})") from None
+    except (ValueError, OSError, EOFError, IndexError, TypeError, OverflowError) as err:
+        raise InputError(f"{path}: cannot read Matrix Market file, it may be truncated or corrupt "
+                         f"({one_line(err)[:200]}); {fix}") from None
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -195,23 +246,23 @@ def read_dataset(folder: Path, stage: str = "_1_split_train_test.py", prefer_h5a
     if missing:
         raise InputError(f"missing {', '.join(missing)}: run {stage} first")
     genes, barcodes = read_lines(folder / GENES), read_lines(folder / BARCODES)
-    counts = read_mtx(folder / MATRIX)
+    counts = read_mtx(folder / MATRIX, f"rerun {stage}")
     if counts.shape != (len(genes), len(barcodes)):
         raise InputError(
             f"{folder / MATRIX}: shape {counts.shape} does not match {len(genes)} genes x "
-            f"{len(barcodes)} barcodes (expected genes x cells)"
+            f"{len(barcodes)} barcodes (expected genes x cells); rerun {stage}"
         )
     check_counts(counts, folder / MATRIX)
-    clusters = pd.read_csv(folder / CLUSTERS)
+    clusters = read_csv_checked(folder / CLUSTERS, f"rerun {stage}")
     if len(clusters) != len(barcodes):
-        raise InputError(f"{folder / CLUSTERS}: {len(clusters)} rows for {len(barcodes)} barcodes")
+        raise InputError(f"{folder / CLUSTERS}: {len(clusters)} rows for {len(barcodes)} barcodes; rerun {stage}")
     if "cell_type" in clusters:
         names = clusters["cell_type"].astype(str)
         order = _order_from_partition(clusters, folder / CLUSTERS)
     elif "partition" in clusters:
         names, order = clusters["partition"].astype(str), None
     else:
-        raise InputError(f"{folder / CLUSTERS}: needs a 'partition' or 'cell_type' column")
+        raise InputError(f"{folder / CLUSTERS}: needs a 'partition' or 'cell_type' column; rerun {stage}")
     return make_anndata(counts.T, genes, barcodes, names, order)
 
 
@@ -255,9 +306,14 @@ def read_gene_lengths(path: Path) -> pd.Series:
     import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as handle:
-        sep = "\t" if "\t" in handle.readline() else ","
-    table = pd.read_csv(path, sep=sep)
+    try:
+        with opener(path, "rt") as handle:
+            sep = "\t" if "\t" in handle.readline() else ","
+        table = pd.read_csv(path, sep=sep)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: cannot read the gene-length table, it may be truncated or corrupt "
+                         f"({type(err).__name__}: {one_line(err)[:200]}); delete it and rerun _0_download_data.py, "
+                         "or place TAPE's GeneLength.txt there") from None
     needed = ["Gene name", "Transcript start (bp)", "Transcript end (bp)"]
     if not set(needed) <= set(table.columns):
         raise InputError(f"{path}: gene-length table needs columns {needed}, found {list(table.columns)}")

@@ -151,7 +151,8 @@ def check_bulk_values(bulk: pd.DataFrame, source: str) -> pd.DataFrame:
         raise InputError(f"{source}: negative values (e.g. genes {bad}); TAPE needs counts or TPM, "
                          "not log-ratios or centred data")
     if bulk.index.duplicated().any():
-        raise InputError(f"{source}: duplicated sample names {bulk.index[bulk.index.duplicated()][:3].tolist()}")
+        raise InputError(f"{source}: duplicated sample names {bulk.index[bulk.index.duplicated()][:3].tolist()}; "
+                         "give each sample a unique name")
     if bulk.columns.duplicated().any():
         dup = bulk.columns[bulk.columns.duplicated()].unique()
         log.warning("%s: %d gene names occur more than once (e.g. %s); summing them", source, len(dup),
@@ -188,6 +189,10 @@ def prepare_bulk(table: pd.DataFrame, unit: str, reference_genes, gene_lengths: 
         raise InputError(f"{source}: only {n_ref} genes shared with the reference (MIN_SHARED_GENES="
                          f"{min_shared_genes}); check the gene naming (symbols vs Ensembl IDs) "
                          "and the orientation")
+    empty = bulk.index[bulk[bulk.columns.intersection(genes)].sum(axis=1) <= 0]
+    if len(empty):
+        raise InputError(f"{source}: samples {empty[:3].tolist()} have no counts on the reference's genes (all "
+                         "zero); drop them from the table")
     values = bulk.to_numpy()
     looks_integer = np.allclose(values, np.round(values))
     if unit == "TPM":
