@@ -12,8 +12,11 @@ In memory a dataset is always an AnnData of cells x genes with CSR counts (scanp
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -30,15 +33,48 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- atomic writes
+_HOST = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temporary files of ``path`` left by killed processes of this host (kill -9, a
+    power cut); a live writer's, or another host's, are kept. Returns those removed."""
+    removed = []
+    pattern = re.compile(re.escape(f".{path.name}.{_HOST}-") + r"(\d+)\.[^/]*\.tmp$")
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}-*.tmp"):
+        match = pattern.match(candidate.name)
+        if match and not _pid_alive(int(match.group(1))):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
-    A crash or error leaves the old file (or none), never a half-written one.
+    A crash or error leaves the old file (or none), never a half-written one. The temporary
+    name (``.<name>.<host>-<pid>.<random>.tmp``) is hidden, never read by a stage, and removed
+    by the next write of ``path`` once its process is gone.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)
