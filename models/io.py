@@ -117,7 +117,7 @@ def load_torch(path: str | Path, what: str, fix: str, needed: Sequence[str] = ()
         if ("weights_only" in str(err) or "Weights only" in str(err)) and zipfile.is_zipfile(path):
             raise InputError(f"{path}: holds pickled Python objects, not only tensors (e.g. a whole model saved "
                              f"with torch.save(model)); weights_only loading refuses them, as unpickling could "
-                             f"run code. {fix}") from None
+                             f"run code; {fix}") from None
         raise InputError(f"{path}: cannot read the {what}, it may be truncated or corrupt "
                          f"({type(err).__name__}: {one_line(err)[:200]}); {fix}") from None
     except Exception as err:  # zip, EOF and runtime errors come in many types
