@@ -3,7 +3,7 @@
 Every stage runs in a subprocess (``python _N_....py --DATA_DIR=...``, cwd = the repository
 root), as a user runs it, on the tiny R-made RData of tests/data (300 cells x 150 genes). One
 session-scoped chain of all six stages makes a complete DATA_DIR; each bad-input case copies
-it, damages one input, runs the stage that reads it (42 cases; 12 run by default, the rest with --run-slow), and checks
+it, damages one input, runs the stage that reads it (44 cases; 12 run by default, the rest with --run-slow), and checks
 
 - a non-zero exit, and one ``ERROR`` log line, the last of stderr, naming the file, the problem
   and a fix, with no traceback;
@@ -192,20 +192,22 @@ def other_test_genes(root):
     return paths.test_dir, []
 
 
-def pickled_module(root):
+def pickled_module(which: str, extra=()):
     """A checkpoint whose unpickling would create a marker file (a whole-module torch.save does
     the same kind of thing: it runs code on load unless weights_only=True refuses it)."""
-    import torch
+    def setup(root):
+        import torch
 
-    marker = root.parent / "unpickled_marker"
+        marker = root.parent / "unpickled_marker"
 
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
+        class Payload:
+            def __reduce__(self):
+                return (open, (str(marker), "w"))
 
-    path = Paths(root).gmvae_checkpoint
-    torch.save({"state_dict": Payload(), "config": {}, "genes": [], "cell_types": []}, path)
-    return path, []
+        path = getattr(Paths(root), which)
+        torch.save({"state_dict": Payload(), "config": {}, "genes": [], "cell_types": []}, path)
+        return path, list(extra)
+    return setup
 
 
 def gmvae_other_dims(root):
@@ -374,7 +376,12 @@ CASES = [
     ("gmvae-truncated", "_5_generate_sc.py", damage("checkpoints/gmvae.pt", truncate), ["cannot read", "rerun _3_"]),
     ("gmvae-is-tape", "_5_generate_sc.py", tape_as_gmvae, ["not a GMVAE checkpoint", "_3_train_gmvae.py"]),
     ("gmvae-other-dims", "_5_generate_sc.py", gmvae_other_dims, ["do not fit", "_3_train_gmvae.py"]),
-    ("gmvae-pickled-module", "_5_generate_sc.py", pickled_module, ["weights_only", "_3_train_gmvae.py"]),
+    ("gmvae-pickled-module", "_5_generate_sc.py", pickled_module("gmvae_checkpoint"),
+     ["weights_only", "_3_train_gmvae.py"]),
+    ("resume-pickled-module", "_3_train_gmvae.py", pickled_module("gmvae_checkpoint", ["--RESUME=true"]),
+     ["weights_only", "RESUME=false"]),
+    ("tape-pickled-module", "_4_deconvolve_bulk.py", pickled_module("tape_checkpoint", ["--RETRAIN=false"]),
+     ["weights_only", "RETRAIN=true"]),
 ]
 
 
@@ -645,3 +652,14 @@ def test_same_seed_same_outputs(pipeline, tmp_path):
     exact = [n for n in raw[0] if not n.endswith((".json", "history.csv", "gmvae.pt"))]
     assert len(exact) > 30 and all(raw[0][n] == raw[1][n] for n in exact)
     assert "checkpoints/tape.pt" in exact and "sctape/reference.txt.gz" in exact
+
+
+def test_the_pickled_payload_is_live(tmp_path):
+    """The gmvae-pickled-module case means something: without weights_only the payload runs."""
+    import torch
+
+    root = tmp_path / "data"
+    Paths(root).checkpoints_dir.mkdir(parents=True)
+    path, _ = pickled_module("gmvae_checkpoint")(root)
+    torch.load(path, weights_only=False)
+    assert (tmp_path / "unpickled_marker").exists()
