@@ -59,7 +59,8 @@ def load_raw(paths: Paths):
         try:
             adata = ad.read_h5ad(paths.raw_h5ad)
         except Exception as err:  # h5py raises many types for damaged files
-            raise InputError(f"{paths.raw_h5ad}: cannot read ({err})") from None
+            raise InputError(f"{paths.raw_h5ad}: cannot read, it may be truncated or corrupt ({err}); write it again "
+                             "(cells x genes raw counts, see README), or remove it to read raw/matrix.mtx") from None
         source = paths.raw_h5ad
         counts, genes, barcodes = adata.X, adata.var_names, adata.obs_names
         gene_ids = adata.var["gene_ids"].astype(str).tolist() if "gene_ids" in adata.var else None
@@ -71,12 +72,17 @@ def load_raw(paths: Paths):
                              f"or place your own raw/cells.h5ad (see README)")
         source = paths.raw_matrix
         (genes, gene_ids), barcodes = io.read_genes(paths.raw_genes), io.read_lines(paths.raw_barcodes)
-        counts = io.read_mtx(paths.raw_matrix)
+        counts = io.read_mtx(paths.raw_matrix, "rerun _0_download_data.py --FORCE=true, or replace it with a "
+                                                "complete file")
         if counts.shape != (len(genes), len(barcodes)):
             raise InputError(f"{paths.raw_matrix}: shape {counts.shape} does not match {len(genes)} genes "
                              f"x {len(barcodes)} barcodes (expected genes x cells)")
         counts = counts.T
     io.check_counts(counts, source)
+    n_cells, n_genes = counts.shape
+    if n_cells == 0 or n_genes == 0 or (counts.nnz if hasattr(counts, "nnz") else (counts != 0).sum()) == 0:
+        raise InputError(f"{source}: the matrix is empty ({n_cells} cells x {n_genes} genes, no counts); "
+                         "give the raw counts of at least one cell")
     adata = io.make_anndata(counts, genes, barcodes, gene_ids=gene_ids)
     if adata.var_names.has_duplicates:
         log.warning("%s: %d duplicated gene names made unique", source, int(adata.var_names.duplicated().sum()))
@@ -133,6 +139,8 @@ def main(argv=None) -> None:
     thresholds = QCThresholds(cfg.MAX_GENES, cfg.MAX_COUNTS, cfg.MAX_PCT_MITO, cfg.MIN_GENES,
                               cfg.MIN_CELLS, cfg.MITO_PREFIX)
     adata = quality_control(adata, thresholds)
+    if adata.n_obs == 0:  # before scrublet, which fails on no cells
+        raise InputError(f"no cells pass QC in {paths.raw_dir}; check the thresholds (MAX_GENES, MAX_COUNTS, ...)")
     if cfg.REMOVE_DOUBLETS:
         adata = remove_doublets(adata, cfg.SEED)
     if adata.n_obs == 0:

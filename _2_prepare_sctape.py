@@ -21,6 +21,7 @@ Run:  python _2_prepare_sctape.py [--DATA_DIR=data] [--N_PSEUDOBULK=5]
 from __future__ import annotations
 
 import gzip
+from io import TextIOWrapper
 import logging
 
 import numpy as np
@@ -56,7 +57,10 @@ def write_reference_table(adata, path, chunk_cells: int) -> None:
     """cells x genes integer counts, tab-separated, gzip, row index = cell-type name; chunked."""
     counts = sp.csr_matrix(adata.X)
     names = adata.obs["cell_type"].astype(str).to_numpy()
-    with io.atomic_path(path) as tmp, gzip.open(tmp, "wt", compresslevel=1) as handle:
+    # no file name and mtime 0 in the gzip header: the same cells give the same bytes
+    with (io.atomic_path(path) as tmp, open(tmp, "wb") as raw,
+          gzip.GzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as packed,
+          TextIOWrapper(packed, encoding="utf-8") as handle):
         handle.write("cell_type\t" + "\t".join(adata.var_names) + "\n")
         for start in tqdm(range(0, adata.n_obs, chunk_cells), desc="reference table", unit="chunk"):
             stop = min(start + chunk_cells, adata.n_obs)

@@ -175,7 +175,7 @@ def validation_split(labels, fraction: float, seed: int, source, names=None) -> 
 
 def resume_state(cfg, paths: Paths, config: dict, genes, cell_types):
     """The checkpoint dict to resume from, checked against the data and the settings."""
-    checkpoint = load_checkpoint(paths.gmvae_checkpoint)
+    checkpoint = load_checkpoint(paths.gmvae_checkpoint, fix="set RESUME=false to train afresh (it is then replaced)")
     if checkpoint["genes"] != list(genes) or checkpoint["cell_types"] != list(cell_types):
         raise InputError(
             f"{paths.gmvae_checkpoint}: trained on other genes or cell types than {paths.train_dir}; "

@@ -76,7 +76,7 @@ CALIBRATION_SAMPLES = 400  # simulated bulks with known truth that set the 90 % 
 
 def read_reference(path) -> pd.DataFrame:
     """TAPE's reference table: cells x genes counts (float32), index = cell-type name."""
-    reference = pd.read_csv(path, sep="\t", index_col=0)
+    reference = io.read_csv_checked(path, "rerun _2_prepare_sctape.py", sep="\t", index_col=0)
     reference.index = reference.index.astype(str)
     reference.columns = reference.columns.astype(str)
     io.check_counts(reference.to_numpy(), path)
@@ -102,6 +102,24 @@ def order_like(pred: pd.DataFrame, type_names: list[str], source: str) -> pd.Dat
             f"{source} has cell types {sorted(pred.columns)} but clusters.csv has {sorted(type_names)}; "
             "rerun _2_prepare_sctape.py (and retrain with --RETRAIN=true)")
     return pred[type_names]
+
+
+def read_truth(path, samples, type_names: list[str], default_bulk: bool) -> pd.DataFrame:
+    """BULK_TRUTH (samples x cell types), checked to score the bulk's ``samples`` over ``type_names``."""
+    require_files([path], "_2_prepare_sctape.py" if default_bulk else "(BULK_TRUTH)")
+    truth = tape.read_table(path)
+    truth.index, truth.columns = truth.index.astype(str), truth.columns.astype(str)
+    unknown = [c for c in truth.columns if c not in type_names]
+    if unknown:
+        raise InputError(f"{path}: cell types {unknown[:5]} are not those of clusters.csv ({', '.join(type_names)}); "
+                         f"{'rerun _2_prepare_sctape.py' if default_bulk else 'name the columns as in clusters.csv'}")
+    if not any(s in truth.index for s in map(str, samples)):
+        raise InputError(f"{path}: no sample name in common with the bulk (truth: {list(truth.index[:3])}, bulk: "
+                         f"{list(map(str, samples))[:3]}); name the rows as the bulk's samples")
+    values = truth.apply(pd.to_numeric, errors="coerce")
+    if values.isna().to_numpy().any() or (values.to_numpy() < 0).any():
+        raise InputError(f"{path}: proportions must be numbers >= 0 (found NaN, text or negative values); fix the file")
+    return values
 
 
 def scatter_figure(pred: pd.DataFrame, truth: pd.DataFrame, mae: float, path,
@@ -191,6 +209,9 @@ def main(argv=None) -> pd.DataFrame:
                                               protocol=cfg.BULK_PROTOCOL, profile=profile,
                                               reference_ids=reference_ids)
 
+    # the truth is checked before anything is written: a bad BULK_TRUTH must not cost a training
+    truth = None if truth_path is None else read_truth(truth_path, bulk_tpm.index, type_names, default_bulk)
+
     model = None
     if cfg.RETRAIN:
         if set(reference.index) != set(type_names):
@@ -233,14 +254,8 @@ def main(argv=None) -> pd.DataFrame:
     with io.atomic_path(paths.bulk_record) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
-    if truth_path is not None:
-        require_files([truth_path], "_2_prepare_sctape.py" if default_bulk else "(BULK_TRUTH)")
-        truth = tape.read_table(truth_path)
-        truth.index, truth.columns = truth.index.astype(str), truth.columns.astype(str)
-        try:
-            metrics = proportion_metrics(pred, truth)
-        except ValueError as err:
-            raise InputError(f"{truth_path}: {err}") from None
+    if truth is not None:
+        metrics = proportion_metrics(pred, truth)
         io.write_table(metrics, paths.deconvolution_metrics)
         overall = metrics.loc["overall"]
         log.info("against %s: MAE %.4f, RMSE %.4f, r %.3f, CCC %.3f", truth_path, overall["mae"],

@@ -20,6 +20,7 @@ Output (one folder per bulk sample) is written while sampling, in bounded memory
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -33,7 +34,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from models.io import atomic_path, write_genes, write_lines, write_table
+from models.io import atomic_path, gene_lines
 from models.paths import BARCODES, CLUSTERS, GENES, H5AD, MATRIX
 from models.utils import InputError
 
@@ -547,24 +548,30 @@ class DatasetWriter:
             shutil.copyfileobj(lines, self._body, length=1 << 24)
 
     def close(self) -> None:
-        """Check every cell arrived, then move all files into place."""
+        """Check every cell arrived, then move all files into place.
+
+        Every file is first complete under a temporary name; the renames then follow each other
+        at once, so a crash leaves the folder's previous set of files or the new one, not a mix
+        (but for the microseconds of the renames).
+        """
         self._body.close()
         self._h5.close()
         if self.n_written != self.n_cells:
             raise ValueError(f"only {self.n_written} of {self.n_cells} cells were written")
-        with atomic_path(self.folder / MATRIX) as tmp:
+        with contextlib.ExitStack() as renames:  # each atomic_path renames on a clean exit
+            tmp = renames.enter_context(atomic_path(self.folder / MATRIX))
             with open(tmp, "wb") as out, open(self._body_path, "rb") as body:
                 out.write(b"%%MatrixMarket matrix coordinate integer general\n")
                 out.write(b"% bulk2sc generated counts, genes x cells\n")
                 out.write(f"{self.n_genes} {self.n_cells} {self.nnz}\n".encode())
                 shutil.copyfileobj(body, out, length=1 << 24)
-        os.replace(self._h5_path, self.folder / H5AD)
+            for name, lines in ((GENES, gene_lines(self.genes, self.gene_ids)), (BARCODES, self.barcodes)):
+                renames.enter_context(atomic_path(self.folder / name)).write_text("".join(f"{x}\n" for x in lines))
+            clusters = pd.DataFrame({"partition": self.type_codes,
+                                     "cell_type": np.asarray([str(c) for c in self.cell_types])[self.type_codes]})
+            clusters.to_csv(renames.enter_context(atomic_path(self.folder / CLUSTERS)), index=False)
+            renames.callback(os.replace, self._h5_path, self.folder / H5AD)  # registered last: runs first
         self._body_path.unlink()
-        write_genes(self.folder / GENES, [str(g) for g in self.genes], self.gene_ids)
-        write_lines(self.folder / BARCODES, self.barcodes)
-        clusters = pd.DataFrame({"partition": self.type_codes,
-                                 "cell_type": np.asarray([str(c) for c in self.cell_types])[self.type_codes]})
-        write_table(clusters, self.folder / CLUSTERS, index=False)
 
     def abort(self) -> None:
         for handle in (self._body, self._h5):

@@ -14,8 +14,11 @@ In memory a dataset is always an AnnData of cells x genes with CSR counts (scanp
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,21 +29,54 @@ import scipy.io
 import scipy.sparse as sp
 
 from models.paths import BARCODES, CLUSTERS, GENES, H5AD, MATRIX
-from models.utils import InputError
+from models.utils import InputError, one_line
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- atomic writes
+_HOST = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temporary files of ``path`` left by killed processes of this host (kill -9, a
+    power cut); a live writer's, or another host's, are kept. Returns those removed."""
+    removed = []
+    pattern = re.compile(re.escape(f".{path.name}.{_HOST}-") + r"(\d+)\.[^/]*\.tmp$")
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}-*.tmp"):
+        match = pattern.match(candidate.name)
+        if match and not _pid_alive(int(match.group(1))):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
-    A crash or error leaves the old file (or none), never a half-written one.
+    A crash or error leaves the old file (or none), never a half-written one. The temporary
+    name (``.<name>.<host>-<pid>.<random>.tmp``) is hidden, never read by a stage, and removed
+    by the next write of ``path`` once its process is gone.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)
@@ -52,6 +88,47 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_torch(obj, path: str | Path) -> None:
+    """``torch.save`` atomically, through a file handle: the zip's inner folder is then always
+    ``archive/`` (given a path, torch names it after the random temporary file), so the same
+    tensors give the same bytes."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def load_torch(path: str | Path, what: str, fix: str, needed: Sequence[str] = (), device="cpu") -> dict:
+    """A checkpoint dict from ``torch.load(weights_only=True)``; InputError (one line) otherwise.
+
+    ``what`` names the checkpoint in messages ("GMVAE checkpoint"), ``fix`` says what to do, and
+    ``needed`` are keys it must hold. Pickled code (``torch.save(model)``) is refused, never run.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch.save writes a zip: a pickle refused inside a complete zip is pickled code, not damage
+        if ("weights_only" in str(err) or "Weights only" in str(err)) and zipfile.is_zipfile(path):
+            raise InputError(f"{path}: holds pickled Python objects, not only tensors (e.g. a whole model saved "
+                             f"with torch.save(model)); weights_only loading refuses them, as unpickling could "
+                             f"run code; {fix}") from None
+        raise InputError(f"{path}: cannot read the {what}, it may be truncated or corrupt "
+                         f"({type(err).__name__}: {one_line(err)[:200]}); {fix}") from None
+    except Exception as err:  # zip, EOF and runtime errors come in many types
+        raise InputError(f"{path}: cannot read the {what}, it may be truncated or corrupt "
+                         f"({type(err).__name__}: {one_line(err)[:200]}); {fix}") from None
+    if not isinstance(checkpoint, dict) or not set(needed) <= set(checkpoint):
+        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise InputError(f"{path}: not a {what} (it needs keys {sorted(needed)}, found {found}); {fix}")
+    return checkpoint
 
 
 def write_lines(path: Path, lines: Sequence[str]) -> None:
@@ -66,13 +143,18 @@ def read_lines(path: Path) -> list[str]:
         return [line.rstrip("\n").split("\t")[0] for line in handle if line.strip()]
 
 
-def write_genes(path: Path, symbols: Sequence[str], gene_ids: Sequence[str] | None = None) -> None:
-    """A 10x ``genes.tsv``: ``gene_id<TAB>symbol`` per line; the symbol stands in for unknown ids."""
+def gene_lines(symbols: Sequence[str], gene_ids: Sequence[str] | None = None) -> list[str]:
+    """10x ``genes.tsv`` lines, ``gene_id<TAB>symbol``; the symbol stands in for unknown ids."""
     symbols = [str(s) for s in symbols]
     ids = symbols if gene_ids is None else [str(g) if str(g) else s for g, s in zip(gene_ids, symbols)]
     if len(ids) != len(symbols):
         raise ValueError(f"{len(ids)} gene ids for {len(symbols)} symbols")
-    write_lines(path, [f"{gene_id}\t{symbol}" for gene_id, symbol in zip(ids, symbols)])
+    return [f"{gene_id}\t{symbol}" for gene_id, symbol in zip(ids, symbols)]
+
+
+def write_genes(path: Path, symbols: Sequence[str], gene_ids: Sequence[str] | None = None) -> None:
+    """A 10x ``genes.tsv`` (see :func:`gene_lines`), written atomically."""
+    write_lines(path, gene_lines(symbols, gene_ids))
 
 
 def read_genes(path: Path) -> tuple[list[str], list[str] | None]:
@@ -115,6 +197,15 @@ def known_gene_ids(folder: Path, genes: Sequence[str]) -> list[str] | None:
     if not all(str(g) in by_symbol for g in genes):
         return None
     return [by_symbol[str(g)] for g in genes]
+
+
+def read_csv_checked(path: Path, fix: str, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv``; an unreadable file is an InputError naming it and ending with ``fix``."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: cannot read as a table, it may be truncated or corrupt "
+                         f"({type(err).__name__}: {one_line(err)[:200]}); {fix}") from None
 
 
 def write_table(frame: pd.DataFrame, path: Path, sep: str = ",", index: bool = True) -> None:
@@ -171,12 +262,13 @@ def write_mtx(path: Path, genes_by_cells: sp.spmatrix) -> None:
             scipy.io.mmwrite(handle, matrix, field="integer")
 
 
-def read_mtx(path: Path) -> sp.csr_matrix:
-    """Read a Matrix Market file (plain or .gz) as CSR, exactly as stored."""
+def read_mtx(path: Path, fix: str = "rerun the stage that wrote it") -> sp.csr_matrix:
+    """Read a Matrix Market file (plain or .gz) as CSR, exactly as stored; ``fix`` ends the error."""
     try:
         return sp.csr_matrix(scipy.io.mmread(str(path)))
-    except (ValueError, OSError, EOFError) as err:
-        raise InputError(f"{path}: cannot read Matrix Market file ({err})") from None
+    except (ValueError, OSError, EOFError, IndexError, TypeError, OverflowError) as err:
+        raise InputError(f"{path}: cannot read Matrix Market file, it may be truncated or corrupt "
+                         f"({one_line(err)[:200]}); {fix}") from None
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -258,23 +350,23 @@ def read_dataset(folder: Path, stage: str = "_1_split_train_test.py", prefer_h5a
     if missing:
         raise InputError(f"missing {', '.join(missing)}: run {stage} first")
     (genes, gene_ids), barcodes = read_genes(folder / GENES), read_lines(folder / BARCODES)
-    counts = read_mtx(folder / MATRIX)
+    counts = read_mtx(folder / MATRIX, f"rerun {stage}")
     if counts.shape != (len(genes), len(barcodes)):
         raise InputError(
             f"{folder / MATRIX}: shape {counts.shape} does not match {len(genes)} genes x "
-            f"{len(barcodes)} barcodes (expected genes x cells)"
+            f"{len(barcodes)} barcodes (expected genes x cells); rerun {stage}"
         )
     check_counts(counts, folder / MATRIX)
-    clusters = pd.read_csv(folder / CLUSTERS)
+    clusters = read_csv_checked(folder / CLUSTERS, f"rerun {stage}")
     if len(clusters) != len(barcodes):
-        raise InputError(f"{folder / CLUSTERS}: {len(clusters)} rows for {len(barcodes)} barcodes")
+        raise InputError(f"{folder / CLUSTERS}: {len(clusters)} rows for {len(barcodes)} barcodes; rerun {stage}")
     if "cell_type" in clusters:
         names = clusters["cell_type"].astype(str)
         order = _order_from_partition(clusters, folder / CLUSTERS)
     elif "partition" in clusters:
         names, order = clusters["partition"].astype(str), None
     else:
-        raise InputError(f"{folder / CLUSTERS}: needs a 'partition' or 'cell_type' column")
+        raise InputError(f"{folder / CLUSTERS}: needs a 'partition' or 'cell_type' column; rerun {stage}")
     return make_anndata(counts.T, genes, barcodes, names, order, gene_ids=gene_ids)
 
 
@@ -318,9 +410,14 @@ def read_gene_lengths(path: Path) -> pd.Series:
     import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as handle:
-        sep = "\t" if "\t" in handle.readline() else ","
-    table = pd.read_csv(path, sep=sep)
+    try:
+        with opener(path, "rt") as handle:
+            sep = "\t" if "\t" in handle.readline() else ","
+        table = pd.read_csv(path, sep=sep)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: cannot read the gene-length table, it may be truncated or corrupt "
+                         f"({type(err).__name__}: {one_line(err)[:200]}); delete it and rerun _0_download_data.py, "
+                         "or place TAPE's GeneLength.txt there") from None
     needed = ["Gene name", "Transcript start (bp)", "Transcript end (bp)"]
     if not set(needed) <= set(table.columns):
         raise InputError(f"{path}: gene-length table needs columns {needed}, found {list(table.columns)}")

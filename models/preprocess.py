@@ -92,7 +92,8 @@ def attach_given_labels(adata, labels: pd.Series, source) -> pd.Series:
     n_matched = int(matched.notna().sum())
     if n_matched == 0:
         raise InputError(f"{source}: none of its barcodes match the count matrix's barcodes "
-                         f"(e.g. {list(labels.index[:2])} vs {list(adata.obs_names[:2])})")
+                         f"(e.g. {list(labels.index[:2])} vs {list(adata.obs_names[:2])}); its barcode column "
+                         "must hold the names of raw/barcodes.tsv (or cells.h5ad's obs_names)")
     if n_matched < adata.n_obs:
         log.warning("%s labels %d of %d cells; the %d unlabelled cells are dropped",
                     source, n_matched, adata.n_obs, adata.n_obs - n_matched)

@@ -131,15 +131,18 @@ class H5adCells(CellSource):
         self._file.close()
 
 
-def csr_nbytes(path: Path) -> int:
+def csr_nbytes(path: Path, stage: str = "_1_split_train_test.py") -> int:
     """Bytes the h5ad's X takes in memory as a float32/int32 CSR (without reading it)."""
     import h5py
 
-    with h5py.File(path, "r") as handle:
-        x = handle["X"]
-        if not isinstance(x, h5py.Group):
-            return int(np.prod(x.shape)) * 4
-        return int(x["data"].shape[0]) * 8 + int(x["indptr"].shape[0]) * 8
+    try:
+        with h5py.File(path, "r") as handle:
+            x = handle["X"]
+            if not isinstance(x, h5py.Group):
+                return int(np.prod(x.shape)) * 4
+            return int(x["data"].shape[0]) * 8 + int(x["indptr"].shape[0]) * 8
+    except (OSError, KeyError) as err:  # h5py: a truncated or foreign file, or no X
+        raise InputError(f"{path}: cannot read, it may be truncated or corrupt ({err}); rerun {stage}") from None
 
 
 def memory_budget_bytes(setting, local_world_size: int = 1) -> float:

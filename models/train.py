@@ -20,13 +20,15 @@ import torch
 from models import distributed
 from models.distributed import Context
 from models.gmvae import GMVAE, Batch
-from models.io import atomic_path
+from models.io import load_torch, save_torch
 from models.utils import InputError
 
 log = logging.getLogger(__name__)
 
 # Buffers added after the first checkpoints were written: absent ones keep their defaults on load.
 OPTIONAL_BUFFERS = ("post_mean", "post_chol", "post_fitted", "mean_log_ratio")
+# What every GMVAE checkpoint holds (a TAPE one, say, lacks config and epoch).
+CHECKPOINT_KEYS = ("state_dict", "config", "epoch", "genes", "cell_types")
 
 LOSS_PARTS = ("loss", "recon", "kl_z", "kl_pi", "nelbo_label", "skipped_mass", "pairs")
 
@@ -265,19 +267,16 @@ def save_checkpoint(path: Path, model: GMVAE, optimizer, epoch: int, genes, cell
         "cell_types": [str(c) for c in cell_types],
     }
     state.update(extra)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 
-def load_checkpoint(path: Path, device="cpu") -> dict:
-    """The checkpoint dict (weights_only=True). Missing file -> InputError naming _3_train_gmvae.py."""
+def load_checkpoint(path: Path, device="cpu", fix: str = "rerun _3_train_gmvae.py to write it") -> dict:
+    """The checkpoint dict (weights_only=True). Missing file -> InputError naming _3_train_gmvae.py;
+    an unreadable or foreign one -> InputError ending with ``fix``."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"missing GMVAE checkpoint {path}: run _3_train_gmvae.py first")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise InputError(f"{path}: cannot read the GMVAE checkpoint ({err}); rerun _3_train_gmvae.py") from None
+    return load_torch(path, "GMVAE checkpoint", fix, CHECKPOINT_KEYS, device)
 
 
 def load_gmvae(path: Path, device="cpu") -> tuple[GMVAE, dict]:
@@ -287,12 +286,17 @@ def load_gmvae(path: Path, device="cpu") -> tuple[GMVAE, dict]:
     too (without them).
     """
     meta = load_checkpoint(path, device)
-    model = GMVAE(**meta["config"])
-    state = dict(meta["state_dict"])
-    for name, default in model.state_dict().items():
-        if name in OPTIONAL_BUFFERS and name not in state:
-            state[name] = default
-    model.load_state_dict(state)
+    try:
+        model = GMVAE(**meta["config"])
+        state = dict(meta["state_dict"])
+        for name, default in model.state_dict().items():
+            if name in OPTIONAL_BUFFERS and name not in state:
+                state[name] = default
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as err:  # unknown settings, missing or misshapen weights
+        detail = " ".join(str(err).split())[:300]
+        raise InputError(f"{path}: its weights do not fit its model settings ({detail}); it was written by "
+                         "another model or version: rerun _3_train_gmvae.py") from None
     model.to(device).eval()
     return model, meta
 

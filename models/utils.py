@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import random
@@ -25,12 +26,32 @@ def require_files(paths, stage: str) -> None:
         raise InputError(f"missing {', '.join(missing)}: run {stage} first")
 
 
+# OS errors that are the user's to fix (permissions, a full or read-only disk), not bugs.
+_USER_OS_ERRORS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                   errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+                   errno.EDQUOT: "disk quota exceeded"}
+
+
+def one_line(message) -> str:
+    """``message`` on one line (torch's and h5py's errors span several)."""
+    return " ".join(str(message).split())
+
+
 def run_stage(main, argv=None) -> None:
-    """Run a stage's ``main``; an InputError becomes a one-line message and exit status 1."""
+    """Run a stage's ``main``; an InputError (or a permission / disk-space error) becomes a one-line
+    message and exit status 1. Any other exception is a bug and keeps its traceback."""
+    logger = logging.getLogger("bulk2sc")
     try:
         main(argv)
     except InputError as err:
-        logging.getLogger("bulk2sc").error("%s", err)
+        logger.error("%s", one_line(err))
+        raise SystemExit(1) from None
+    except OSError as err:
+        if err.errno not in _USER_OS_ERRORS:
+            raise
+        where = err.filename or "an output file"
+        logger.error("cannot access %s: %s; make DATA_DIR (and FIG_DIR) writable, with free space, or "
+                     "choose another folder with --DATA_DIR=...", where, _USER_OS_ERRORS[err.errno])
         raise SystemExit(1) from None
 
 

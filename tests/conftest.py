@@ -28,19 +28,25 @@ TINY_GENES = 120
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "internet: needs the network; skipped unless --run-internet")
+    config.addinivalue_line("markers", "slow: the rest of the reliability suite (tens of seconds each, minutes in "
+                                       "all); skipped unless --run-slow, so CI runs its representative subset")
 
 
 def pytest_addoption(parser):
     parser.addoption("--run-internet", action="store_true", help="run tests that need the network")
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-internet"):
-        return
-    skip = pytest.mark.skip(reason="needs the network; run with --run-internet")
+    skips = {}
+    if not config.getoption("--run-internet"):
+        skips["internet"] = pytest.mark.skip(reason="needs the network; run with --run-internet")
+    if not config.getoption("--run-slow"):
+        skips["slow"] = pytest.mark.skip(reason="slow; run with --run-slow")
     for item in items:
-        if "internet" in item.keywords:
-            item.add_marker(skip)
+        for keyword, skip in skips.items():
+            if keyword in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -249,8 +249,7 @@ def checkpoint_dict(fit: TapeFit) -> dict:
                           "axis": "per sample"},
         "settings": asdict(fit.settings),
         "tape_version": TAPE_VERSION,
-        "train_seconds": float(fit.train_seconds),
-        "simulate_seconds": float(fit.simulate_seconds),
+        # no timings here (they go to the log): the same SEED gives a byte-identical tape.pt
         # The reference's mean TPM over `genes`: lets a reloaded model tell a new bulk's protocol.
         **({} if fit.profile is None else
            {"profile": torch.as_tensor(fit.profile.reindex(fit.genes).to_numpy(np.float64))}),
@@ -264,28 +263,20 @@ def checkpoint_dict(fit: TapeFit) -> dict:
 
 
 def save_checkpoint(fit: TapeFit, path: str | Path) -> None:
-    import torch
+    from models.io import save_torch
 
-    from models.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint_dict(fit), tmp)
+    save_torch(checkpoint_dict(fit), path)
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load ``tape.pt`` with ``weights_only=True`` (no pickled code is ever executed)."""
-    import torch
+    from models.io import load_torch
 
     path = Path(path)
     if not path.exists():
         raise InputError(f"missing {path}: run _4_deconvolve_bulk.py with --RETRAIN=true first")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise InputError(f"{path}: cannot load as a TAPE checkpoint ({err}); retrain with --RETRAIN=true") from None
-    needed = {"state_dict", "input_dim", "output_dim", "genes", "cell_types"}
-    if not needed <= set(ckpt):
-        raise InputError(f"{path}: not a bulk2sc TAPE checkpoint (keys {sorted(ckpt)}); retrain")
+    needed = ("state_dict", "input_dim", "output_dim", "genes", "cell_types")
+    ckpt = load_torch(path, "bulk2sc TAPE checkpoint", "retrain it with --RETRAIN=true", needed)
     if ckpt.get("preprocessing", {}).get("scale") != MODEL_SCALE:
         raise InputError(f"{path} was trained by an older bulk2sc whose bulk units differ (UMI references "
                          "were length-divided); rerun _2_prepare_sctape.py, then _4_ with --RETRAIN=true")

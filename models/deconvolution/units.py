@@ -174,7 +174,8 @@ def check_bulk_values(bulk: pd.DataFrame, source: str) -> pd.DataFrame:
         raise InputError(f"{source}: negative values (e.g. genes {bad}); TAPE needs counts or TPM, "
                          "not log-ratios or centred data")
     if bulk.index.duplicated().any():
-        raise InputError(f"{source}: duplicated sample names {bulk.index[bulk.index.duplicated()][:3].tolist()}")
+        raise InputError(f"{source}: duplicated sample names {bulk.index[bulk.index.duplicated()][:3].tolist()}; "
+                         "give each sample a unique name")
     if bulk.columns.duplicated().any():
         dup = bulk.columns[bulk.columns.duplicated()].unique()
         log.warning("%s: %d gene names occur more than once (e.g. %s); summing them", source, len(dup),
@@ -210,6 +211,10 @@ def prepare_bulk(table: pd.DataFrame, unit: str, reference_genes, gene_lengths: 
         raise InputError(f"BULK_PROTOCOL must be one of {BULK_PROTOCOLS}, got {protocol!r}")
     if n_ref < min_shared_genes:
         raise too_few_genes(source, n_ref, bulk.columns, genes, reference_ids, "MIN_SHARED_GENES", min_shared_genes)
+    empty = bulk.index[bulk[bulk.columns.intersection(genes)].sum(axis=1) <= 0]
+    if len(empty):
+        raise InputError(f"{source}: samples {empty[:3].tolist()} have no counts on the reference's genes (all "
+                         "zero); drop them from the table")
     values = bulk.to_numpy()
     looks_integer = np.allclose(values, np.round(values))
     if unit == "TPM":
