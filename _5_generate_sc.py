@@ -102,6 +102,8 @@ BULK_BASELINE = ""  # relative mode: control bulks in the reference's state (the
 CONDITION_TYPE_PENALTY = 0.003  # ridge on the per-type deviations from the shared per-gene factor (README: 0.03-0.0003)
 CONDITION_LATENT = False  # also fit a per-type latent shift through the decoder: 10x slower, no gain on Kang (README)
 CONDITION_MIN_GENES = 1000  # fewer bulk genes shared with the GMVAE than this is an error
+CONDITION_NOISE = 2.0  # a gene is moved only where the bulk differs from the model by more than this many sds of
+#                       its sampling noise (fitted in full beyond twice that); 0 = fit the noise too (README)
 # -----------------------------------------------------------------------------
 
 BASELINE_STREAM = 1_000_000  # RNG streams of the NB baseline: apart from the GMVAE's (one per sample)
@@ -188,13 +190,19 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
                                            cfg.BULK_BASELINE)[0].mean(0)
         bulk = bulk[common]
     profiles, shared = condition.bulk_profiles(bulk, genes, cfg.CONDITION_MIN_GENES, str(bulk_path))
-    settings = condition.ConditionSettings(latent=cfg.CONDITION_LATENT, type_penalty=cfg.CONDITION_TYPE_PENALTY)
+    depths = condition.bulk_depths(bulk, genes, None if record is None else record.get("unit"))
+    log.info("sampling noise of the bulk: %s", "Poisson at its counts' depth (median %.3g) and the cells' spread"
+             % np.median(depths) if depths is not None else
+             "not in counts: Poisson at the depth the model expects of the cells, and the cells' spread")
+    settings = condition.ConditionSettings(latent=cfg.CONDITION_LATENT, type_penalty=cfg.CONDITION_TYPE_PENALTY,
+                                           noise_threshold=cfg.CONDITION_NOISE)
     fits = condition.fit_conditions(model, counts.to_numpy(), profiles, shared, mode,
                                     generate.block_generator(cfg.SEED, CONDITION_STREAM, 0), settings,
-                                    cfg.NOISE_SCALE, prior, calibrate, baseline=baseline)
+                                    cfg.NOISE_SCALE, prior, calibrate, baseline=baseline, depths=depths)
     for sample, fit in zip(counts.index, fits):
-        log.info("sample %s: r(bulk, generated pseudo-bulk) %.4f -> %.4f over %d genes (%.1f s)", sample,
-                 fit.r_before, fit.r_after, int(shared.sum()), fit.diagnostics["seconds"])
+        log.info("sample %s: r(bulk, generated pseudo-bulk) %.4f -> %.4f over %d genes, %d of them beyond their "
+                 "sampling noise (%.1f s)", sample, fit.r_before, fit.r_after, int(shared.sum()),
+                 fit.diagnostics["genes_beyond_noise"], fit.diagnostics["seconds"])
         if not fit.converged:
             log.warning("sample %s: the conditioning did not converge (mean squared log residual %.4g)",
                         sample, fit.residual)

@@ -68,6 +68,7 @@ class ConditionSettings:
     tolerance: float = 1e-3  # relative loss change over the last tenth of the steps: above = not converged
     frequency: bool = True  # a gene shift changes burst frequency (theta, dropout odds move too: GMVAE.generative_params)
     noise_threshold: float = 2.0  # a gene's pseudo-bulk moves only beyond this many sds of its sampling noise (0: fits noise)
+    library_weight: float = 0.0  # x mean_sk (log change of type k's expected library in sample s)^2; 0 = free
     noise_gamma: float = 2.0  # ... and in full beyond gamma x that many (MCP, gamma > 1; a linear ramp between)
 
 
@@ -111,6 +112,24 @@ def bulk_profiles(bulk: pd.DataFrame, genes, min_shared_genes: int, source: str)
         bad = [str(s) for s in np.asarray(bulk.index)[totals[:, 0] <= 0][:3]]
         raise InputError(f"{source}: samples {bad} have no expression on the GMVAE's genes")
     return values / totals, shared
+
+
+def bulk_depths(bulk: pd.DataFrame, genes, unit: str | None) -> np.ndarray | None:
+    """[S] each sample's total count over the model's genes when the bulk is in counts, else None.
+
+    ``unit``: stage 4's record of it ("counts" / "TPM"); None (a BULK given to stage 5 directly):
+    counts when every value is a whole number and no row sums to a million (CPM or TPM).
+    """
+    if unit is not None and unit != "counts":
+        return None
+    columns = pd.Index([str(c) for c in bulk.columns])
+    values = bulk.to_numpy(dtype=np.float64)[:, columns.isin(pd.Index([str(g) for g in genes]))]
+    if unit is None:
+        whole = np.allclose(values, np.round(values))
+        sums = bulk.to_numpy(dtype=np.float64).sum(1)
+        if not whole or np.allclose(sums, 1e6, rtol=1e-3):
+            return None
+    return values.sum(1)
 
 
 # ----------------------------------------------------------------------------- the frozen model
@@ -355,6 +374,11 @@ def fit_genes(base: tuple[torch.Tensor, torch.Tensor], changes: torch.Tensor, ce
               settings: ConditionSettings) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Per-type deviations d [K, G] and per-sample gene factors c + e_s [S, G], fitted jointly.
 
+    With ``settings.library_weight`` > 0 the second is [S, K, G]: a per-sample, per-type log
+    depth l_sk is added to every gene, and the change of each type's expected library (its
+    expected count summed over all genes) from the unshifted model is penalised, so that genes
+    that rise take their share from the others, as in a cell sequenced to the same depth.
+
     The shift of type k in sample s is c_g + d_kg + e_sg: c (weak ridge) is what every sample
     and type share, d (``type_penalty``) what a type adds, shared by the samples, and e
     (``sample_penalty``) a sample's own change, shared by its types. A sample can only move d
@@ -368,20 +392,27 @@ def fit_genes(base: tuple[torch.Tensor, torch.Tensor], changes: torch.Tensor, ce
     common = torch.zeros(n_genes, requires_grad=True)
     types = torch.zeros(n_types, n_genes, requires_grad=True)
     samples = torch.zeros(n_samples, n_genes, requires_grad=True)
-    optimizer = torch.optim.Adam([common, types, samples], lr=settings.lr)
+    depth = torch.zeros(n_samples, n_types, 1, requires_grad=settings.library_weight > 0)
+    optimizer = torch.optim.Adam([common, types, samples, *([depth] if depth.requires_grad else [])], lr=settings.lr)
+    with torch.no_grad():
+        base_library = torch.logsumexp(expected_log_means(base[0], base[1], 0.0, False), -1)  # [K]
     losses = []
     for _ in range(settings.gene_steps):
         optimizer.zero_grad()
-        shift = common + types[None] + samples[:, None, :]
+        shift = common + types[None] + samples[:, None, :] + depth
         log_means = expected_log_means(base[0][None], base[1][None], shift, settings.frequency) + changes
         pred = log_profile(pseudo_bulk_profile(log_means, cells, shared), settings.pseudo)
         fit = ((pred - targets) ** 2)[:, shared].mean()
         loss = (fit + settings.gene_penalty * (common ** 2).mean() + settings.type_penalty * (types ** 2).mean()
                 + settings.sample_penalty * (samples ** 2).mean())
+        if depth.requires_grad:
+            library = torch.logsumexp(log_means - changes, -1)  # [S, K]: the gene shifts' change of it
+            loss = loss + settings.library_weight * ((library - base_library) ** 2).mean()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    return types.detach(), (common[None] + samples).detach(), losses
+    per_sample = common[None] + samples
+    return types.detach(), (per_sample[:, None, :] + depth if depth.requires_grad else per_sample).detach(), losses
 
 
 def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.ndarray, mode: str,
@@ -453,7 +484,8 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
     fit_targets, beyond = denoise_targets(targets, unshifted, noise, shared_t, settings.pseudo,
                                           settings.noise_threshold, settings.noise_gamma)
     types, genes, gene_losses = fit_genes(base, changes, shares, fit_targets, shared_t, settings)
-    gene_shift = (types[None] + genes[:, None, :]).clamp(-settings.max_log_shift, settings.max_log_shift)
+    genes = genes if genes.dim() == 3 else genes[:, None, :]
+    gene_shift = (types[None] + genes).clamp(-settings.max_log_shift, settings.max_log_shift)
     log_means = expected_log_means(base[0][None], base[1][None], gene_shift, settings.frequency) + changes
     conditioned = log_profile(pseudo_bulk_profile(log_means, shares, shared_t), settings.pseudo)
     seconds = time.perf_counter() - start
@@ -472,6 +504,8 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
             diagnostics={"mode": mode, "n_shared_genes": int(shared_t.sum()), "seconds": seconds / n_samples,
                          "mean_abs_log_fold_change": float((log_means[s] - unshifted_means).abs().mean()),
                          "noise_threshold": settings.noise_threshold,
+                         "library_log_change": [float(v) for v in torch.logsumexp(log_means[s], -1)
+                                                - torch.logsumexp(unshifted_means, -1)],
                          "genes_beyond_noise": int(beyond[s].sum()),
                          "latent_shift_sd": [float(v) for v in whitened]}))
     return results
