@@ -104,6 +104,8 @@ CONDITION_LATENT = False  # also fit a per-type latent shift through the decoder
 CONDITION_MIN_GENES = 1000  # fewer bulk genes shared with the GMVAE than this is an error
 CONDITION_NOISE = 2.0  # a gene is moved only where the bulk differs from the model by more than this many sds of
 #                       its sampling noise (fitted in full beyond twice that); 0 = fit the noise too (README)
+CONDITION_LIBRARY = 0.0  # weight keeping each type's expected library size (total count per cell) as the reference's
+#                         (genes that rise take their share from the others); 0 = free (README)
 # -----------------------------------------------------------------------------
 
 BASELINE_STREAM = 1_000_000  # RNG streams of the NB baseline: apart from the GMVAE's (one per sample)
@@ -195,7 +197,7 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
              % np.median(depths) if depths is not None else
              "not in counts: Poisson at the depth the model expects of the cells, and the cells' spread")
     settings = condition.ConditionSettings(latent=cfg.CONDITION_LATENT, type_penalty=cfg.CONDITION_TYPE_PENALTY,
-                                           noise_threshold=cfg.CONDITION_NOISE)
+                                           noise_threshold=cfg.CONDITION_NOISE, library_weight=cfg.CONDITION_LIBRARY)
     fits = condition.fit_conditions(model, counts.to_numpy(), profiles, shared, mode,
                                     generate.block_generator(cfg.SEED, CONDITION_STREAM, 0), settings,
                                     cfg.NOISE_SCALE, prior, calibrate, baseline=baseline, depths=depths)

@@ -223,8 +223,28 @@ def score_run(folder: Path, unconditioned: Path, groups, counts, obs, control_me
 VARIANTS = ("auto", "shared", "relative", "platform_relative", "platform_absolute")
 
 
+def stage4(root: Path, work: Path, bulk: Path, truth: pd.DataFrame) -> None:
+    """_2_ and _4_ (TAPE, at their defaults) on ``bulk``: stage 5 then reads stage 4's proportions and bulk.json."""
+    from models.metrics import proportion_metrics
+    from models.paths import Paths
+
+    paths = Paths(root)
+    paths.gene_length.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SHARED / "gene_length_hg19.csv.gz", paths.gene_length.with_name("GeneLength.txt.gz"))
+    with __import__("gzip").open(paths.gene_length.with_name("GeneLength.txt.gz"), "rb") as source, \
+            open(paths.gene_length, "wb") as target:
+        shutil.copyfileobj(source, target)
+    wall2 = run([sys.executable, str(REPO / "_2_prepare_sctape.py"), f"--DATA_DIR={root}"], work / "stage2.log")
+    wall4 = run([sys.executable, str(REPO / "_4_deconvolve_bulk.py"), f"--DATA_DIR={root}", f"--FIG_DIR={work / 'fig'}",
+                 f"--BULK={bulk}", "--BULK_UNIT=counts", "--TORCH_THREADS=2"], work / "stage4.log")
+    predicted = pd.read_csv(paths.proportions, index_col=0)
+    metrics = proportion_metrics(predicted.loc[truth.index, truth.columns], truth)
+    print(f"_2_ {wall2:.0f} s, _4_ (TAPE) {wall4:.0f} s on the {len(truth)} bulks; stage 4's proportions vs the "
+          f"truth: MAE {metrics.loc['overall', 'mae']:.4f}; bulk.json: {paths.bulk_record.read_text()}", flush=True)
+
+
 def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, variants=VARIANTS,
-             extra_args: tuple[str, ...] = (), own: bool = True) -> None:
+             extra_args: tuple[str, ...] = (), own: bool = True, with_stage4: bool = False) -> None:
     from models import evaluation, io
     from models.paths import Paths
 
@@ -252,10 +272,14 @@ def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, vari
     # the true proportions stand in for stage 4's (see the docstring); bulk.json as stage 4 writes it
     shares = type_shares(obs, groups, cell_types)
     shares.index.name = "sample"
-    paths.deconvolution_dir.mkdir(parents=True, exist_ok=True)
-    shares.to_csv(paths.proportions)
-    paths.bulk_record.write_text(json.dumps({"path": str(bulks / "stim.csv"), "unit": "counts", "protocol": "umi",
-                                             "reference_protocol": "umi"}))
+    if with_stage4:
+        stage4(root, work, bulks / "stim.csv", shares)
+    else:
+        shutil.rmtree(paths.deconvolution_dir, ignore_errors=True)
+        paths.deconvolution_dir.mkdir(parents=True, exist_ok=True)
+        shares.to_csv(paths.proportions)
+        paths.bulk_record.write_text(json.dumps({"path": str(bulks / "stim.csv"), "unit": "counts",
+                                                 "protocol": "umi", "reference_protocol": "umi"}))
     common = [f"--N_CELLS={cells_per_bulk}", *extra_args]
     runs = {}
     none, wall = stage5(root, work, "none", common + ["--CONDITION=none", "--FIGURES=false"])
@@ -282,7 +306,7 @@ def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, vari
 
     print(f"\nKang IFN-beta: GMVAE on {test.n_obs * 3} control cells (75 %), bulks of stimulated cells: stim_all "
           f"(all {len(groups['stim_all'])}) and {n_cohort} Dirichlet pseudo-bulks of {cells_per_bulk} cells; "
-          f"{cells_per_bulk} cells generated per sample with the true proportions")
+          f"{cells_per_bulk} cells generated per sample with {'stage 4' if with_stage4 else 'the true'} proportions")
     print("| run | AUROC stim_all | AUROC cohort | per-type mean r (cohort) | LFC r stim_all | LFC r cohort | "
           "type-specific r stim_all | type-specific r cohort |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -386,6 +410,8 @@ def main() -> None:
                         help="own: only the reference's own test-cell bulk (AUROC change)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated conditioned runs of the fidelity part, of {','.join(VARIANTS)}")
+    parser.add_argument("--stage4", action="store_true",
+                        help="stage 5 gets _4_'s proportions of the bulks (TAPE, minutes), not the true ones")
     parser.add_argument("--stage5-args", default="",
                         help="space-separated settings given to every _5_ run, e.g. '--CONDITION_NOISE=0'")
     parser.add_argument("--work", default="/tmp/bulk2sc_bench_condition")
@@ -405,7 +431,8 @@ def main() -> None:
     if args.part in ("fidelity", "all"):
         if not (SHARED / "kang_ifnb").is_dir():
             sys.exit(f"{SHARED / 'kang_ifnb'} is absent")
-        fidelity(work, args.retrain, args.cohort, args.cells, args.variants.split(","), extra_args)
+        fidelity(work, args.retrain, args.cohort, args.cells, args.variants.split(","), extra_args,
+                 with_stage4=args.stage4)
     if args.part == "own":
         root, test, cell_types = reference(work, args.retrain)
         own_bulk(root, work, test, cell_types, extra_args)
