@@ -63,7 +63,7 @@ from models.baseline import fit_nb_per_type
 from models.config import load_config, save_config
 from models.io import atomic_path, encode_labels, read_dataset
 from models.metrics import proportion_metrics
-from models.paths import Paths, resolve
+from models.paths import CLUSTERS, Paths, resolve
 from models.train import load_gmvae
 from models.utils import (InputError, peak_rss_mb, run_stage, set_seed,
                           set_torch_threads, setup_logging)
@@ -196,11 +196,18 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
     log.info("sampling noise of the bulk: %s", "Poisson at its counts' depth (median %.3g) and the cells' spread"
              % np.median(depths) if depths is not None else
              "not in counts: Poisson at the depth the model expects of the cells, and the cells' spread")
+    reference_cells = None  # the training cells per type: the model's means carry their sampling error
+    if (paths.train_dir / CLUSTERS).exists():
+        labels = pd.read_csv(paths.train_dir / CLUSTERS)
+        if "cell_type" in labels:
+            reference_cells = labels["cell_type"].astype(str).value_counts().reindex(
+                [str(t) for t in counts.columns], fill_value=0).to_numpy()
     settings = condition.ConditionSettings(latent=cfg.CONDITION_LATENT, type_penalty=cfg.CONDITION_TYPE_PENALTY,
                                            noise_threshold=cfg.CONDITION_NOISE, library_weight=cfg.CONDITION_LIBRARY)
     fits = condition.fit_conditions(model, counts.to_numpy(), profiles, shared, mode,
                                     generate.block_generator(cfg.SEED, CONDITION_STREAM, 0), settings,
-                                    cfg.NOISE_SCALE, prior, calibrate, baseline=baseline, depths=depths)
+                                    cfg.NOISE_SCALE, prior, calibrate, baseline=baseline, depths=depths,
+                                    reference_cells=reference_cells)
     for sample, fit in zip(counts.index, fits):
         log.info("sample %s: r(bulk, generated pseudo-bulk) %.4f -> %.4f over %d genes, %d of them beyond their "
                  "sampling noise (%.1f s)", sample, fit.r_before, fit.r_after, int(shared.sum()),

@@ -222,7 +222,8 @@ def pseudo_bulk_profile(log_means: torch.Tensor, cells: torch.Tensor, shared: to
 
 
 def log_profile_noise(log_means: torch.Tensor, log_variances: torch.Tensor, cells: torch.Tensor,
-                      shared: torch.Tensor, pseudo: float, depths: torch.Tensor | None = None) -> torch.Tensor:
+                      shared: torch.Tensor, pseudo: float, depths: torch.Tensor | None = None,
+                      reference_cells: torch.Tensor | None = None) -> torch.Tensor:
     """sd [S, G] of log(profile + pseudo) of a bulk of ``cells`` [S, K] when nothing is shifted.
 
     What the bulk of these cells varies by from sampling alone: which cells were sequenced (the
@@ -231,12 +232,16 @@ def log_profile_noise(log_means: torch.Tensor, log_variances: torch.Tensor, cell
     the depth the model expects of these cells, a nominal one for CPM/TPM). A pseudo-bulk of n
     cells whose gene g sums to C counts has a relative variance of 1/C + (between-cell variance)
     / (n mean^2); through the log and the pseudo-count, it is scaled by p / (p + pseudo).
+    ``reference_cells`` [K]: the training cells of each type, whose means the model's were
+    calibrated to: they vary by sampling too, and so does the model's pseudo-bulk (None: not counted).
     log_means: [K, G] log E[count] of a cell of each type (unshifted).
     """
     cells = cells.double()
     mean_cell = log_means.double().exp()
     bulk = cells @ mean_cell  # [S, G] expected counts of the cells
     excess = cells @ (log_variances.double().exp() - mean_cell).clamp_min(0.0)
+    if reference_cells is not None:  # the error of each type's mean: its per-cell variance / its training cells
+        excess = excess + (cells ** 2) @ (log_variances.double().exp() / reference_cells.double().clamp_min(1.0)[:, None])
     bulk = bulk.masked_fill(~shared, 0.0)
     model_depth = bulk.sum(1, keepdim=True)
     depth = model_depth if depths is None else depths.double().reshape(-1, 1)
@@ -419,7 +424,8 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
                    generator: torch.Generator, settings: ConditionSettings | None = None,
                    noise_scale: float = 1.0, prior: str = "posterior", calibrate: bool = True,
                    baseline: np.ndarray | None = None, baseline_cells: np.ndarray | None = None,
-                   depths: np.ndarray | None = None) -> list[SampleCondition]:
+                   depths: np.ndarray | None = None, reference_cells: np.ndarray | None = None,
+                   ) -> list[SampleCondition]:
     """Fit every sample's conditioning; one :class:`SampleCondition` per row of ``profiles``.
 
     model: the frozen GMVAE (CPU; its parameters are set to requires_grad=False); cells: [S, K]
@@ -430,7 +436,8 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
     mean; fitted to the baseline's profile when a baseline is given). ``noise_scale``, ``prior``,
     ``calibrate``: the sampler's, so the fit sees the cells that will be drawn. ``depths`` [S]:
     each bulk's total count over the shared genes when it is in counts (its Poisson noise); None
-    (CPM, TPM): the depth the model expects of ``cells``. The sampling noise of each bulk
+    (CPM, TPM): the depth the model expects of ``cells``. ``reference_cells`` [K]: the training
+    cells per type (the model's own sampling error; None: left out). The sampling noise of each bulk
     (:func:`log_profile_noise`, of ``cells`` at ``depths``) is thresholded away from the targets
     before the fit (:func:`denoise_targets`, ``settings.noise_threshold``); r before and after and
     the residual are against the bulk itself.
@@ -449,7 +456,9 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
         model, latent_draws(model, settings.n_base_draws, noise_scale, prior, generator), calibrate)
     unshifted_means = expected_log_means(base[0], base[1], 0.0, False)
     noise = log_profile_noise(unshifted_means, log_variances, cells_t, shared_t, settings.pseudo,
-                              None if depths is None else torch.as_tensor(np.asarray(depths, dtype=np.float64)))
+                              None if depths is None else torch.as_tensor(np.asarray(depths, dtype=np.float64)),
+                              None if reference_cells is None else torch.as_tensor(np.asarray(reference_cells,
+                                                                                             dtype=np.float64)))
     if mode == "absolute":
         targets = log_profile(profiles_t, settings.pseudo)
     else:
