@@ -270,24 +270,32 @@ def denoise_targets(targets: torch.Tensor, unshifted: torch.Tensor, noise: torch
                     pseudo: float, threshold: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets with their sampling noise thresholded away, [S, G] bool: the genes kept beyond the noise).
 
-    Each gene's residual r = target - u, where u is the unshifted log profile moved by the
-    sample's offset (:func:`offset_of`), is replaced by the minimax-concave (MCP) estimate of a
-    change seen through noise of sd ``noise`` (:func:`log_profile_noise`): 0 while |r| <= t =
-    ``threshold`` x noise, r itself beyond ``gamma`` x t, a linear ramp between (a firm
-    threshold). A bulk that differs from the model by sampling alone (the reference's own cells)
-    then asks for almost no change, and a real change of a well-measured gene is kept in full,
-    without the shrinkage bias of a ridge or a soft threshold. ``threshold`` 0 keeps the targets.
+    Each gene's residual r_s = target_s - u_s, where u is the unshifted log profile moved by the
+    sample's offset (:func:`offset_of`), is weighed against its noise (``noise``, from
+    :func:`log_profile_noise`) over all the samples given together: sum_s (r_s / noise_s)^2 is
+    chi-square with S degrees of freedom when the gene does not change, and its tail
+    probability is read as an equivalent |z|. The gene's residuals are kept times the
+    minimax-concave (MCP) factor of that |z|: 0 up to ``threshold``, 1 beyond ``gamma`` x
+    ``threshold``, a linear ramp of the change between (a firm threshold). With one sample that
+    is the MCP estimate of r itself. A bulk that differs from the model by sampling alone (the
+    reference's own cells) then asks for almost no change; a change of a well-measured gene, or
+    one that many samples share, is kept in full, without the shrinkage bias of a ridge or a
+    soft threshold. ``threshold`` 0 keeps the targets.
     """
     if threshold <= 0:
         return targets, shared[None, :].expand_as(targets).clone()
+    from scipy import stats
+
     offset = offset_of(targets, unshifted, shared, pseudo)
     moved = torch.log((unshifted.exp() - pseudo).clamp_min(0.0) * offset.exp() + pseudo)
     residual = targets - moved
-    low, high = threshold * noise, gamma * threshold * noise
-    size = residual.abs()
-    kept = torch.where(size > high, size, (size - low).clamp_min(0.0) * gamma / (gamma - 1.0))
-    beyond = (size > low) & shared[None, :]
-    return torch.where(shared[None, :], moved + kept * torch.sign(residual), targets), beyond
+    z = (residual / noise.clamp_min(1e-12)).masked_fill(~shared[None, :], 0.0)
+    statistic = (z.double() ** 2).sum(0).numpy()
+    equivalent = torch.as_tensor(stats.norm.isf(0.5 * stats.chi2.sf(statistic, len(targets))))  # [G]
+    factor = ((equivalent - threshold).clamp_min(0.0) * gamma / ((gamma - 1.0) * equivalent.clamp_min(1e-12)))
+    factor = torch.where(equivalent > gamma * threshold, torch.ones_like(factor), factor).float()
+    beyond = (factor > 0)[None, :] & shared[None, :]
+    return torch.where(shared[None, :], moved + factor * residual, targets), beyond.expand_as(targets).clone()
 
 
 def fit_composition(log_means: torch.Tensor, target: torch.Tensor, shared: torch.Tensor, pseudo: float,
