@@ -170,14 +170,15 @@ def type_moments(model, z: torch.Tensor, calibrate: bool) -> tuple[torch.Tensor,
         else:
             keep = torch.logsumexp(log_mu + log_keep, 0) - math.log(z.shape[1]) - mean
         keep = keep.clamp(max=-1e-7)
-        # E[x^2] of a ZINB: (1 - pi) (mu + mu^2 (1 + 1/theta)); in float64, the difference is of large numbers
-        mu, theta, kept = log_mu.double().exp(), log_theta.double().exp(), log_keep.double().exp()
-        second = (kept * (mu + mu * mu * (1.0 + 1.0 / theta))).mean(0)
-        first = (kept * mu).mean(0)
-        variance = (second - first * first).clamp_min(1e-30)
+        # E[x^2] of a ZINB: (1 - pi) (mu + mu^2 (1 + 1/theta)); float32 is enough, Var >= E (the Poisson part)
+        log_kept_mu = log_keep + log_mu
+        second = torch.logsumexp(log_kept_mu + torch.log1p(log_mu.exp() * (1.0 + torch.exp(-log_theta.float()))),
+                                 0) - math.log(z.shape[1])
+        first = torch.logsumexp(log_kept_mu, 0) - math.log(z.shape[1])
+        variance = (second.exp() - (2.0 * first).exp()).clamp_min(1e-30)
         log_means.append(mean)
         logits.append(torch.log(-torch.expm1(keep)) - keep)
-        log_variances.append(torch.log(variance).float())
+        log_variances.append(torch.log(variance))
     return torch.stack(log_means), torch.stack(logits), torch.stack(log_variances)
 
 
