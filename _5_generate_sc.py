@@ -13,7 +13,8 @@ Conditioning (``CONDITION``, models/condition.py): with a bulk (the one stage 4 
 ``BULK``), each sample's cell types get per-gene log factors, fitted through the frozen decoder
 so that the expected pseudo-bulk of its cells matches the bulk ("absolute", same platform) or
 its log-ratio to a baseline ("relative", another platform: ``BULK_BASELINE`` or the samples'
-mean). The mode and why are logged. ``CONDITION=none``, or ``CELL_COUNTS`` without ``BULK``,
+mean). The mode and why are logged. What the bulk differs by within its sampling noise is not
+fitted (``CONDITION_NOISE``). ``CONDITION=none``, or ``CELL_COUNTS`` without ``BULK``,
 gives the cells of the proportions alone.
 
 Reads:

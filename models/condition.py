@@ -28,6 +28,10 @@ drop out; UMI counts, CPM or TPM all work):
   profile to the baseline's (a ``BULK_BASELINE`` of control samples, or the cohort's mean).
   Gene-wise platform factors (length bias, capture efficiency) cancel in the ratio.
 
+Before the fit, what each gene's residual owes to sampling (the bulk's cells, its depth, the
+model's own training cells) is thresholded away (:func:`log_profile_noise`,
+:func:`denoise_targets`), so the reference's own bulk asks for almost no change.
+
 Pure functions on tensors and arrays; stage 5 does the I/O. Seeded: the same generator seed
 gives the same fit.
 """
