@@ -13,7 +13,8 @@ Conditioning (``CONDITION``, models/condition.py): with a bulk (the one stage 4 
 ``BULK``), each sample's cell types get per-gene log factors, fitted through the frozen decoder
 so that the expected pseudo-bulk of its cells matches the bulk ("absolute", same platform) or
 its log-ratio to a baseline ("relative", another platform: ``BULK_BASELINE`` or the samples'
-mean). The mode and why are logged. ``CONDITION=none``, or ``CELL_COUNTS`` without ``BULK``,
+mean). The mode and why are logged. What the bulk differs by within its sampling noise is not
+fitted (``CONDITION_NOISE``). ``CONDITION=none``, or ``CELL_COUNTS`` without ``BULK``,
 gives the cells of the proportions alone.
 
 Reads:
@@ -63,7 +64,7 @@ from models.baseline import fit_nb_per_type
 from models.config import load_config, save_config
 from models.io import atomic_path, encode_labels, known_gene_ids, read_dataset
 from models.metrics import proportion_metrics
-from models.paths import Paths, resolve
+from models.paths import CLUSTERS, Paths, resolve
 from models.train import load_gmvae
 from models.utils import (InputError, peak_rss_mb, run_stage, set_seed,
                           set_torch_threads, setup_logging)
@@ -102,6 +103,10 @@ BULK_BASELINE = ""  # relative mode: control bulks in the reference's state (the
 CONDITION_TYPE_PENALTY = 0.003  # ridge on the per-type deviations from the shared per-gene factor (README: 0.03-0.0003)
 CONDITION_LATENT = False  # also fit a per-type latent shift through the decoder: 10x slower, no gain on Kang (README)
 CONDITION_MIN_GENES = 1000  # fewer bulk genes shared with the GMVAE than this is an error
+CONDITION_NOISE = 2.0  # a gene is moved only where the bulk differs from the model by more than this many sds of
+#                       its sampling noise (fitted in full beyond twice that); 0 = fit the noise too (README)
+CONDITION_LIBRARY = 0.0  # weight keeping each type's expected library size (total count per cell) as the reference's
+#                         (genes that rise take their share from the others); 0 = free (README)
 # -----------------------------------------------------------------------------
 
 BASELINE_STREAM = 1_000_000  # RNG streams of the NB baseline: apart from the GMVAE's (one per sample)
@@ -190,13 +195,26 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
                                            cfg.BULK_BASELINE)[0].mean(0)
         bulk = bulk[common]
     profiles, shared = condition.bulk_profiles(bulk, genes, cfg.CONDITION_MIN_GENES, str(bulk_path))
-    settings = condition.ConditionSettings(latent=cfg.CONDITION_LATENT, type_penalty=cfg.CONDITION_TYPE_PENALTY)
+    depths = condition.bulk_depths(bulk, genes, None if record is None else record.get("unit"))
+    log.info("sampling noise of the bulk: %s", "Poisson at its counts' depth (median %.3g) and the cells' spread"
+             % np.median(depths) if depths is not None else
+             "not in counts: Poisson at the depth the model expects of the cells, and the cells' spread")
+    reference_cells = None  # the training cells per type: the model's means carry their sampling error
+    if (paths.train_dir / CLUSTERS).exists():
+        labels = pd.read_csv(paths.train_dir / CLUSTERS)
+        if "cell_type" in labels:
+            reference_cells = labels["cell_type"].astype(str).value_counts().reindex(
+                [str(t) for t in counts.columns], fill_value=0).to_numpy()
+    settings = condition.ConditionSettings(latent=cfg.CONDITION_LATENT, type_penalty=cfg.CONDITION_TYPE_PENALTY,
+                                           noise_threshold=cfg.CONDITION_NOISE, library_weight=cfg.CONDITION_LIBRARY)
     fits = condition.fit_conditions(model, counts.to_numpy(), profiles, shared, mode,
                                     generate.block_generator(cfg.SEED, CONDITION_STREAM, 0), settings,
-                                    cfg.NOISE_SCALE, prior, calibrate, baseline=baseline)
+                                    cfg.NOISE_SCALE, prior, calibrate, baseline=baseline, depths=depths,
+                                    reference_cells=reference_cells)
     for sample, fit in zip(counts.index, fits):
-        log.info("sample %s: r(bulk, generated pseudo-bulk) %.4f -> %.4f over %d genes (%.1f s)", sample,
-                 fit.r_before, fit.r_after, int(shared.sum()), fit.diagnostics["seconds"])
+        log.info("sample %s: r(bulk, generated pseudo-bulk) %.4f -> %.4f over %d genes, %d of them beyond their "
+                 "sampling noise (%.1f s)", sample, fit.r_before, fit.r_after, int(shared.sum()),
+                 fit.diagnostics["genes_beyond_noise"], fit.diagnostics["seconds"])
         if not fit.converged:
             log.warning("sample %s: the conditioning did not converge (mean squared log residual %.4g)",
                         sample, fit.residual)

@@ -220,21 +220,37 @@ def score_run(folder: Path, unconditioned: Path, groups, counts, obs, control_me
     return pd.DataFrame(rows).T
 
 
-def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int) -> None:
+VARIANTS = ("auto", "shared", "relative", "platform_relative", "platform_absolute")
+
+
+def stage4(root: Path, work: Path, bulk: Path, truth: pd.DataFrame) -> None:
+    """_2_ and _4_ (TAPE, at their defaults) on ``bulk``: stage 5 then reads stage 4's proportions and bulk.json."""
+    from models.metrics import proportion_metrics
+    from models.paths import Paths
+
+    paths = Paths(root)
+    paths.gene_length.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SHARED / "gene_length_hg19.csv.gz", paths.gene_length.with_name("GeneLength.txt.gz"))
+    with __import__("gzip").open(paths.gene_length.with_name("GeneLength.txt.gz"), "rb") as source, \
+            open(paths.gene_length, "wb") as target:
+        shutil.copyfileobj(source, target)
+    wall2 = run([sys.executable, str(REPO / "_2_prepare_sctape.py"), f"--DATA_DIR={root}"], work / "stage2.log")
+    wall4 = run([sys.executable, str(REPO / "_4_deconvolve_bulk.py"), f"--DATA_DIR={root}", f"--FIG_DIR={work / 'fig'}",
+                 f"--BULK={bulk}", "--BULK_UNIT=counts", "--TORCH_THREADS=2"], work / "stage4.log")
+    predicted = pd.read_csv(paths.proportions, index_col=0)
+    metrics = proportion_metrics(predicted.loc[truth.index, truth.columns], truth)
+    print(f"_2_ {wall2:.0f} s, _4_ (TAPE) {wall4:.0f} s on the {len(truth)} bulks; stage 4's proportions vs the "
+          f"truth: MAE {metrics.loc['overall', 'mae']:.4f}; bulk.json: {paths.bulk_record.read_text()}", flush=True)
+
+
+def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, variants=VARIANTS,
+             extra_args: tuple[str, ...] = (), own: bool = True, with_stage4: bool = False) -> None:
     from models import evaluation, io
     from models.paths import Paths
 
-    root = work / "kang"
+    root, test, cell_types = reference(work, retrain)
     paths = Paths(root)
     counts, genes, obs = read_kang()
-    if retrain or not paths.gmvae_checkpoint.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        prepare_reference(root, counts, genes, obs)
-        wall = run([sys.executable, str(REPO / "_3_train_gmvae.py"), f"--DATA_DIR={root}",
-                    f"--FIG_DIR={work / 'fig'}"], work / "train.log")
-        print(f"_3_train_gmvae.py (defaults) on the control cells: {wall:.0f} s", flush=True)
-    test = io.read_dataset(paths.test_dir)
-    cell_types = io.read_type_order(paths.train_dir / "clusters.csv")
     control_types = test.obs["cell_type"].astype(str).to_numpy()
     control_means = type_means(evaluation.log_normalize(test.X), control_types, cell_types)
     stim = np.flatnonzero(obs["condition"].to_numpy() == "stim")
@@ -256,15 +272,19 @@ def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int) -> N
     # the true proportions stand in for stage 4's (see the docstring); bulk.json as stage 4 writes it
     shares = type_shares(obs, groups, cell_types)
     shares.index.name = "sample"
-    paths.deconvolution_dir.mkdir(parents=True, exist_ok=True)
-    shares.to_csv(paths.proportions)
-    paths.bulk_record.write_text(json.dumps({"path": str(bulks / "stim.csv"), "unit": "counts", "protocol": "umi",
-                                             "reference_protocol": "umi"}))
-    common = [f"--N_CELLS={cells_per_bulk}"]
+    if with_stage4:
+        stage4(root, work, bulks / "stim.csv", shares)
+    else:
+        shutil.rmtree(paths.deconvolution_dir, ignore_errors=True)
+        paths.deconvolution_dir.mkdir(parents=True, exist_ok=True)
+        shares.to_csv(paths.proportions)
+        paths.bulk_record.write_text(json.dumps({"path": str(bulks / "stim.csv"), "unit": "counts",
+                                                 "protocol": "umi", "reference_protocol": "umi"}))
+    common = [f"--N_CELLS={cells_per_bulk}", *extra_args]
     runs = {}
     none, wall = stage5(root, work, "none", common + ["--CONDITION=none", "--FIGURES=false"])
     print(f"_5_ CONDITION=none: {wall:.0f} s ({len(groups)} samples x {cells_per_bulk} cells)", flush=True)
-    variants = {
+    every = {
         "auto (absolute)": common,
         "shared factor only": common + ["--CONDITION_TYPE_PENALTY=1e6", "--FIGURES=false"],
         "relative, baseline = control test bulk": common + [f"--BULK_BASELINE={bulks / 'control.csv'}",
@@ -275,7 +295,8 @@ def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int) -> N
         "platform x factor: absolute": common + [f"--BULK={bulks / 'stim_platform.csv'}", "--CONDITION=absolute",
                                                  "--FIGURES=false"],
     }
-    for label, extra in variants.items():
+    chosen = {label: extra for key, (label, extra) in zip(VARIANTS, every.items()) if key in variants}
+    for label, extra in chosen.items():
         folder, wall = stage5(root, work, label.split()[0].strip(",:") + str(len(runs)), extra)
         runs[label] = score_run(folder, none, groups, counts, obs, control_means, top, cell_types, gene_index, True)
         print(f"_5_ {label}: {wall:.0f} s", flush=True)
@@ -285,7 +306,7 @@ def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int) -> N
 
     print(f"\nKang IFN-beta: GMVAE on {test.n_obs * 3} control cells (75 %), bulks of stimulated cells: stim_all "
           f"(all {len(groups['stim_all'])}) and {n_cohort} Dirichlet pseudo-bulks of {cells_per_bulk} cells; "
-          f"{cells_per_bulk} cells generated per sample with the true proportions")
+          f"{cells_per_bulk} cells generated per sample with {'stage 4' if with_stage4 else 'the true'} proportions")
     print("| run | AUROC stim_all | AUROC cohort | per-type mean r (cohort) | LFC r stim_all | LFC r cohort | "
           "type-specific r stim_all | type-specific r cohort |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -299,21 +320,42 @@ def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int) -> N
               f"{cohort['per_type_mean_r'].astype(float).mean():.3f} | {lfc or ' | | | '} |")
     print(f"| real vs real (halves) | {real_auroc['stim_all']:.3f} | "
           f"{np.mean([v for k, v in real_auroc.items() if k != 'stim_all']):.3f} (2 samples) | | | | | |")
-    auto = runs["auto (absolute)"]
-    print("\nper type, stim_all (auto): LFC r / type-specific r / interferon-gene recovery (generated / real LFC)")
-    for t in cell_types:
-        if t in auto.loc["stim_all", "lfc_r_types"]:
-            print(f"  {t:16s} {auto.loc['stim_all', 'lfc_r_types'][t]:.3f} / "
-                  f"{auto.loc['stim_all', 'specific_r_types'][t]:.3f} / {auto.loc['stim_all', 'isg_recovery'][t]:.2f}")
-    own_bulk(root, work, test, cell_types)
+    if "auto (absolute)" in runs:
+        auto = runs["auto (absolute)"]
+        print("\nper type, stim_all (auto): LFC r / type-specific r / interferon-gene recovery (generated / real LFC)")
+        for t in cell_types:
+            if t in auto.loc["stim_all", "lfc_r_types"]:
+                print(f"  {t:16s} {auto.loc['stim_all', 'lfc_r_types'][t]:.3f} / "
+                      f"{auto.loc['stim_all', 'specific_r_types'][t]:.3f} / "
+                      f"{auto.loc['stim_all', 'isg_recovery'][t]:.2f}")
+    if own:
+        own_bulk(root, work, test, cell_types, extra_args)
 
 
-def own_bulk(root: Path, work: Path, test, cell_types) -> None:
+def reference(work: Path, retrain: bool):
+    """(root, test AnnData, cell types) of the GMVAE trained on the control cells (trained when missing)."""
+    from models import io
+    from models.paths import Paths
+
+    root = work / "kang"
+    paths = Paths(root)
+    if retrain or not paths.gmvae_checkpoint.exists():
+        counts, genes, obs = read_kang()
+        shutil.rmtree(root, ignore_errors=True)
+        prepare_reference(root, counts, genes, obs)
+        wall = run([sys.executable, str(REPO / "_3_train_gmvae.py"), f"--DATA_DIR={root}",
+                    f"--FIG_DIR={work / 'fig'}"], work / "train.log")
+        print(f"_3_train_gmvae.py (defaults) on the control cells: {wall:.0f} s", flush=True)
+    return root, io.read_dataset(paths.test_dir), io.read_type_order(paths.train_dir / "clusters.csv")
+
+
+def own_bulk(root: Path, work: Path, test, cell_types, extra_args: tuple[str, ...] = ()) -> None:
     """The reference's own test-cell bulk: conditioning must change the AUROC against the test cells by <= 0.01."""
     import scipy.sparse as sp
 
     bulk = pd.DataFrame(np.asarray(sp.csr_matrix(test.X).sum(axis=0)), index=["control_test"],
                         columns=[str(g) for g in test.var_names])
+    (work / "bulks").mkdir(parents=True, exist_ok=True)
     bulk.to_csv(work / "bulks" / "own.csv")
     counts = test.obs["cell_type"].astype(str).value_counts().rename_axis("cell_type").reset_index(name="n_cells")
     counts.to_csv(work / "bulks" / "own_counts.csv", index=False)
@@ -324,13 +366,15 @@ def own_bulk(root: Path, work: Path, test, cell_types) -> None:
         shutil.rmtree(Paths(root).generated_dir, ignore_errors=True)
         run([sys.executable, str(REPO / "_5_generate_sc.py"), f"--DATA_DIR={root}", f"--FIG_DIR={work / 'fig'}",
              f"--CELL_COUNTS={work / 'bulks' / 'own_counts.csv'}", f"--BULK={work / 'bulks' / 'own.csv'}",
-             f"--CONDITION={condition}", "--FIGURES=false", "--TORCH_THREADS=2"], work / f"own_{condition}.log")
+             f"--CONDITION={condition}", "--FIGURES=false", "--TORCH_THREADS=2", *extra_args],
+            work / f"own_{condition}.log")
         result[condition] = json.loads(Paths(root).generated_metrics.read_text())
     fit = result["auto"]["condition"]
     print(f"\nthe reference's own test-cell bulk ({test.n_obs} cells): AUROC vs the test cells "
           f"{result['none']['gmvae']['auroc']:.4f} unconditioned -> {result['auto']['gmvae']['auroc']:.4f} "
           f"conditioned; r(bulk, pseudo-bulk) {fit['r_before']:.4f} -> {fit['r_after']:.4f}; "
-          f"mean |log fold change| {fit['mean_abs_log_fold_change']:.4f}")
+          f"mean |log fold change| {fit['mean_abs_log_fold_change']:.4f}; "
+          f"{fit.get('genes_beyond_noise', 'n/a')} of {fit['n_shared_genes']} genes beyond their sampling noise")
 
 
 def timing(n_samples: int) -> None:
@@ -362,7 +406,14 @@ def timing(n_samples: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["fidelity", "timing", "all"], default="all")
+    parser.add_argument("--part", choices=["fidelity", "own", "timing", "all"], default="all",
+                        help="own: only the reference's own test-cell bulk (AUROC change)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated conditioned runs of the fidelity part, of {','.join(VARIANTS)}")
+    parser.add_argument("--stage4", action="store_true",
+                        help="stage 5 gets _4_'s proportions of the bulks (TAPE, minutes), not the true ones")
+    parser.add_argument("--stage5-args", default="",
+                        help="space-separated settings given to every _5_ run, e.g. '--CONDITION_NOISE=0'")
     parser.add_argument("--work", default="/tmp/bulk2sc_bench_condition")
     parser.add_argument("--retrain", action="store_true", help="rebuild the control split and retrain the GMVAE")
     parser.add_argument("--cohort", type=int, default=20, help="Dirichlet pseudo-bulks")
@@ -371,12 +422,20 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    extra_args = tuple(args.stage5_args.split())
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"machine: {machine()}\n", flush=True)
     if args.part in ("fidelity", "all"):
         if not (SHARED / "kang_ifnb").is_dir():
             sys.exit(f"{SHARED / 'kang_ifnb'} is absent")
-        fidelity(work, args.retrain, args.cohort, args.cells)
+        fidelity(work, args.retrain, args.cohort, args.cells, args.variants.split(","), extra_args,
+                 with_stage4=args.stage4)
+    if args.part == "own":
+        root, test, cell_types = reference(work, args.retrain)
+        own_bulk(root, work, test, cell_types, extra_args)
     if args.part in ("timing", "all"):
         timing(args.timing_samples)
 

@@ -28,6 +28,10 @@ drop out; UMI counts, CPM or TPM all work):
   profile to the baseline's (a ``BULK_BASELINE`` of control samples, or the cohort's mean).
   Gene-wise platform factors (length bias, capture efficiency) cancel in the ratio.
 
+Before the fit, what each gene's residual owes to sampling (the bulk's cells, its depth, the
+model's own training cells) is thresholded away (:func:`log_profile_noise`,
+:func:`denoise_targets`), so the reference's own bulk asks for almost no change.
+
 Pure functions on tensors and arrays; stage 5 does the I/O. Seeded: the same generator seed
 gives the same fit.
 """
@@ -67,6 +71,9 @@ class ConditionSettings:
     max_log_shift: float = math.log(1000.0)  # the per-gene log factors are clipped to this (a safety bound)
     tolerance: float = 1e-3  # relative loss change over the last tenth of the steps: above = not converged
     frequency: bool = True  # a gene shift changes burst frequency (theta, dropout odds move too: GMVAE.generative_params)
+    noise_threshold: float = 2.0  # a gene's pseudo-bulk moves only beyond this many sds of its sampling noise (0: fits noise)
+    library_weight: float = 0.0  # x mean_sk (log change of type k's expected library in sample s)^2; 0 = free
+    noise_gamma: float = 2.0  # ... and in full beyond gamma x that many (MCP, gamma > 1; a linear ramp between)
 
 
 @dataclass
@@ -113,6 +120,24 @@ def bulk_profiles(bulk: pd.DataFrame, genes, min_shared_genes: int, source: str)
     return values / totals, shared
 
 
+def bulk_depths(bulk: pd.DataFrame, genes, unit: str | None) -> np.ndarray | None:
+    """[S] each sample's total count over the model's genes when the bulk is in counts, else None.
+
+    ``unit``: stage 4's record of it ("counts" / "TPM"); None (a BULK given to stage 5 directly):
+    counts when every value is a whole number and no row sums to a million (CPM or TPM).
+    """
+    if unit is not None and unit != "counts":
+        return None
+    columns = pd.Index([str(c) for c in bulk.columns])
+    values = bulk.to_numpy(dtype=np.float64)[:, columns.isin(pd.Index([str(g) for g in genes]))]
+    if unit is None:
+        whole = np.allclose(values, np.round(values))
+        sums = bulk.to_numpy(dtype=np.float64).sum(1)
+        if not whole or np.allclose(sums, 1e6, rtol=1e-3):
+            return None
+    return values.sum(1)
+
+
 # ----------------------------------------------------------------------------- the frozen model
 def _expected_means(model, z: torch.Tensor, log_calibration: torch.Tensor) -> torch.Tensor:
     """E[count] per (draw, gene) = (1 - dropout) x mean, [N, G], with the calibration's log factor [N, G]."""
@@ -131,27 +156,41 @@ def latent_draws(model, n_draws: int, noise_scale: float, prior: str, generator:
 
 
 @torch.no_grad()
-def type_log_means(model, z: torch.Tensor, calibrate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log E[mean], effective dropout logits), each [K, G], of each type's cells over the draws ``z`` [K, M, Z].
+def type_moments(model, z: torch.Tensor, calibrate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log E[mean], effective dropout logits, log Var[count]), each [K, G], of each type's cells over ``z`` [K, M, Z].
 
     The expected count is E[(1 - dropout) x mean] = exp(log E[mean]) x sigmoid(-logits): the
-    logits are those of one dropout probability that gives the same expectation.
+    logits are those of one dropout probability that gives the same expectation. The variance is
+    that of one cell's count (the ZINB at each draw, plus the spread of its mean over the draws):
+    what a pseudo-bulk of n such cells varies by, n times.
     """
-    log_means, logits = [], []
+    log_means, logits, log_variances = [], [], []
     for k in range(model.n_types):
         calibration = model.mean_log_ratio[k] if calibrate else torch.zeros(model.n_genes, device=z.device)
-        log_mu, _, zi_logits = model.decode(z[k])
+        log_mu, log_theta, zi_logits = model.decode(z[k])
         log_mu = log_mu.float() + calibration
         mean = torch.logsumexp(log_mu, 0) - math.log(z.shape[1])
+        log_keep = torch.zeros_like(log_mu) if zi_logits is None else torch.nn.functional.logsigmoid(-zi_logits.float())
         if zi_logits is None:
             keep = torch.zeros_like(mean)
         else:
-            keep = torch.logsumexp(log_mu + torch.nn.functional.logsigmoid(-zi_logits.float()), 0) - math.log(
-                z.shape[1]) - mean
+            keep = torch.logsumexp(log_mu + log_keep, 0) - math.log(z.shape[1]) - mean
         keep = keep.clamp(max=-1e-7)
+        # E[x^2] of a ZINB: (1 - pi) (mu + mu^2 (1 + 1/theta)); float32 is enough, Var >= E (the Poisson part)
+        log_kept_mu = log_keep + log_mu
+        second = torch.logsumexp(log_kept_mu + torch.log1p(log_mu.exp() * (1.0 + torch.exp(-log_theta.float()))),
+                                 0) - math.log(z.shape[1])
+        first = torch.logsumexp(log_kept_mu, 0) - math.log(z.shape[1])
+        variance = (second.exp() - (2.0 * first).exp()).clamp_min(1e-30)
         log_means.append(mean)
         logits.append(torch.log(-torch.expm1(keep)) - keep)
-    return torch.stack(log_means), torch.stack(logits)
+        log_variances.append(torch.log(variance))
+    return torch.stack(log_means), torch.stack(logits), torch.stack(log_variances)
+
+
+def type_log_means(model, z: torch.Tensor, calibrate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log E[mean], effective dropout logits), each [K, G]: :func:`type_moments` without the variance."""
+    return type_moments(model, z, calibrate)[:2]
 
 
 def expected_log_means(log_means: torch.Tensor, logits: torch.Tensor, gene_shift, frequency: bool) -> torch.Tensor:
@@ -187,6 +226,83 @@ def pseudo_bulk_profile(log_means: torch.Tensor, cells: torch.Tensor, shared: to
     log_bulk = torch.logsumexp(log_cells + log_means, dim=1)  # [S, G]
     log_bulk = log_bulk.masked_fill(~shared, -math.inf)
     return torch.exp(log_bulk - torch.logsumexp(log_bulk, dim=1, keepdim=True))
+
+
+def log_profile_noise(log_means: torch.Tensor, log_variances: torch.Tensor, cells: torch.Tensor,
+                      shared: torch.Tensor, pseudo: float, depths: torch.Tensor | None = None,
+                      reference_cells: torch.Tensor | None = None) -> torch.Tensor:
+    """sd [S, G] of log(profile + pseudo) of a bulk of ``cells`` [S, K] when nothing is shifted.
+
+    What the bulk of these cells varies by from sampling alone: which cells were sequenced (the
+    model's per-cell variance beyond Poisson, ``log_variances`` [K, G] from :func:`type_moments`,
+    summed over the cells) and the counting of its ``depths`` [S] reads or UMIs (Poisson; None:
+    the depth the model expects of these cells, a nominal one for CPM/TPM). A pseudo-bulk of n
+    cells whose gene g sums to C counts has a relative variance of 1/C + (between-cell variance)
+    / (n mean^2); through the log and the pseudo-count, it is scaled by p / (p + pseudo).
+    ``reference_cells`` [K]: the training cells of each type, whose means the model's were
+    calibrated to: they vary by sampling too, and so does the model's pseudo-bulk (None: not counted).
+    log_means: [K, G] log E[count] of a cell of each type (unshifted).
+    """
+    cells = cells.double()
+    mean_cell = log_means.double().exp()
+    bulk = cells @ mean_cell  # [S, G] expected counts of the cells
+    excess = cells @ (log_variances.double().exp() - mean_cell).clamp_min(0.0)
+    if reference_cells is not None:  # the error of each type's mean: its per-cell variance / its training cells
+        excess = excess + (cells ** 2) @ (log_variances.double().exp() / reference_cells.double().clamp_min(1.0)[:, None])
+    bulk = bulk.masked_fill(~shared, 0.0)
+    model_depth = bulk.sum(1, keepdim=True)
+    depth = model_depth if depths is None else depths.double().reshape(-1, 1)
+    profile = bulk / model_depth
+    variance = profile / depth + excess.masked_fill(~shared, 0.0) / model_depth ** 2  # of the profile
+    sd = variance.sqrt() / (profile + pseudo)
+    return sd.masked_fill(~shared, 0.0).float()
+
+
+def offset_of(targets: torch.Tensor, unshifted: torch.Tensor, shared: torch.Tensor, pseudo: float) -> torch.Tensor:
+    """[S, 1] the median over well-expressed shared genes of log(target profile / unshifted profile).
+
+    Profiles sum to 1, so when some genes rise every other gene's share falls by the same factor:
+    a per-sample offset that is not a change of those genes. Most genes do not change, so their
+    median ratio is that offset (the median-of-ratios idea of DESeq2's size factors).
+    targets, unshifted: [S, G] log(profile + pseudo).
+    """
+    expressed = shared[None, :] & (unshifted > math.log(11.0 * pseudo))  # profile above 10 x pseudo
+    ratio = torch.log((targets.exp() - pseudo).clamp_min(0.0) + 1e-30) - torch.log(unshifted.exp() - pseudo)
+    offsets = [torch.median(ratio[s][expressed[s]]) if bool(expressed[s].any()) else torch.zeros(())
+               for s in range(len(targets))]
+    return torch.stack(offsets).reshape(-1, 1).clamp(-5.0, 5.0)
+
+
+def denoise_targets(targets: torch.Tensor, unshifted: torch.Tensor, noise: torch.Tensor, shared: torch.Tensor,
+                    pseudo: float, threshold: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets with their sampling noise thresholded away, [S, G] bool: the genes kept beyond the noise).
+
+    Each gene's residual r_s = target_s - u_s, where u is the unshifted log profile moved by the
+    sample's offset (:func:`offset_of`), is weighed against its noise (``noise``, from
+    :func:`log_profile_noise`) over all the samples given together: sum_s (r_s / noise_s)^2 is
+    chi-square with S degrees of freedom when the gene does not change, and its tail
+    probability is read as an equivalent |z|. The gene's residuals are kept times the
+    minimax-concave (MCP) factor of that |z|: 0 up to ``threshold``, 1 beyond ``gamma`` x
+    ``threshold``, a linear ramp of the change between (a firm threshold). With one sample that
+    is the MCP estimate of r itself. A bulk that differs from the model by sampling alone (the
+    reference's own cells) then asks for almost no change; a change of a well-measured gene, or
+    one that many samples share, is kept in full, without the shrinkage bias of a ridge or a
+    soft threshold. ``threshold`` 0 keeps the targets.
+    """
+    if threshold <= 0:
+        return targets, shared[None, :].expand_as(targets).clone()
+    from scipy import stats
+
+    offset = offset_of(targets, unshifted, shared, pseudo)
+    moved = torch.log((unshifted.exp() - pseudo).clamp_min(0.0) * offset.exp() + pseudo)
+    residual = targets - moved
+    z = (residual / noise.clamp_min(1e-12)).masked_fill(~shared[None, :], 0.0)
+    statistic = (z.double() ** 2).sum(0).numpy()
+    equivalent = torch.as_tensor(stats.norm.isf(0.5 * stats.chi2.sf(statistic, len(targets))))  # [G]
+    factor = ((equivalent - threshold).clamp_min(0.0) * gamma / ((gamma - 1.0) * equivalent.clamp_min(1e-12)))
+    factor = torch.where(equivalent > gamma * threshold, torch.ones_like(factor), factor).float()
+    beyond = (factor > 0)[None, :] & shared[None, :]
+    return torch.where(shared[None, :], moved + factor * residual, targets), beyond.expand_as(targets).clone()
 
 
 def fit_composition(log_means: torch.Tensor, target: torch.Tensor, shared: torch.Tensor, pseudo: float,
@@ -278,6 +394,11 @@ def fit_genes(base: tuple[torch.Tensor, torch.Tensor], changes: torch.Tensor, ce
               settings: ConditionSettings) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Per-type deviations d [K, G] and per-sample gene factors c + e_s [S, G], fitted jointly.
 
+    With ``settings.library_weight`` > 0 the second is [S, K, G]: a per-sample, per-type log
+    depth l_sk is added to every gene, and the change of each type's expected library (its
+    expected count summed over all genes) from the unshifted model is penalised, so that genes
+    that rise take their share from the others, as in a cell sequenced to the same depth.
+
     The shift of type k in sample s is c_g + d_kg + e_sg: c (weak ridge) is what every sample
     and type share, d (``type_penalty``) what a type adds, shared by the samples, and e
     (``sample_penalty``) a sample's own change, shared by its types. A sample can only move d
@@ -291,26 +412,34 @@ def fit_genes(base: tuple[torch.Tensor, torch.Tensor], changes: torch.Tensor, ce
     common = torch.zeros(n_genes, requires_grad=True)
     types = torch.zeros(n_types, n_genes, requires_grad=True)
     samples = torch.zeros(n_samples, n_genes, requires_grad=True)
-    optimizer = torch.optim.Adam([common, types, samples], lr=settings.lr)
+    depth = torch.zeros(n_samples, n_types, 1, requires_grad=settings.library_weight > 0)
+    optimizer = torch.optim.Adam([common, types, samples, *([depth] if depth.requires_grad else [])], lr=settings.lr)
+    with torch.no_grad():
+        base_library = torch.logsumexp(expected_log_means(base[0], base[1], 0.0, False), -1)  # [K]
     losses = []
     for _ in range(settings.gene_steps):
         optimizer.zero_grad()
-        shift = common + types[None] + samples[:, None, :]
+        shift = common + types[None] + samples[:, None, :] + depth
         log_means = expected_log_means(base[0][None], base[1][None], shift, settings.frequency) + changes
         pred = log_profile(pseudo_bulk_profile(log_means, cells, shared), settings.pseudo)
         fit = ((pred - targets) ** 2)[:, shared].mean()
         loss = (fit + settings.gene_penalty * (common ** 2).mean() + settings.type_penalty * (types ** 2).mean()
                 + settings.sample_penalty * (samples ** 2).mean())
+        if depth.requires_grad:
+            library = torch.logsumexp(log_means - changes, -1)  # [S, K]: the gene shifts' change of it
+            loss = loss + settings.library_weight * ((library - base_library) ** 2).mean()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    return types.detach(), (common[None] + samples).detach(), losses
+    per_sample = common[None] + samples
+    return types.detach(), (per_sample[:, None, :] + depth if depth.requires_grad else per_sample).detach(), losses
 
 
 def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.ndarray, mode: str,
                    generator: torch.Generator, settings: ConditionSettings | None = None,
                    noise_scale: float = 1.0, prior: str = "posterior", calibrate: bool = True,
                    baseline: np.ndarray | None = None, baseline_cells: np.ndarray | None = None,
+                   depths: np.ndarray | None = None, reference_cells: np.ndarray | None = None,
                    ) -> list[SampleCondition]:
     """Fit every sample's conditioning; one :class:`SampleCondition` per row of ``profiles``.
 
@@ -320,7 +449,13 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
     ``baseline`` [G] is the baseline's profile (None = the mean of ``profiles``) and
     ``baseline_cells`` [K] its composition (None: the samples' mean composition with the cohort
     mean; fitted to the baseline's profile when a baseline is given). ``noise_scale``, ``prior``,
-    ``calibrate``: the sampler's, so the fit sees the cells that will be drawn.
+    ``calibrate``: the sampler's, so the fit sees the cells that will be drawn. ``depths`` [S]:
+    each bulk's total count over the shared genes when it is in counts (its Poisson noise); None
+    (CPM, TPM): the depth the model expects of ``cells``. ``reference_cells`` [K]: the training
+    cells per type (the model's own sampling error; None: left out). The sampling noise of each bulk
+    (:func:`log_profile_noise`, of ``cells`` at ``depths``) is thresholded away from the targets
+    before the fit (:func:`denoise_targets`, ``settings.noise_threshold``); r before and after and
+    the residual are against the bulk itself.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -332,8 +467,13 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
     profiles_t = torch.as_tensor(np.asarray(profiles), dtype=torch.float32)
     shared_t = torch.as_tensor(np.asarray(shared, dtype=bool))
     shares = cells_t / cells_t.sum(1, keepdim=True).clamp_min(1.0)
-    base = type_log_means(model, latent_draws(model, settings.n_base_draws, noise_scale, prior, generator), calibrate)
+    *base, log_variances = type_moments(
+        model, latent_draws(model, settings.n_base_draws, noise_scale, prior, generator), calibrate)
     unshifted_means = expected_log_means(base[0], base[1], 0.0, False)
+    noise = log_profile_noise(unshifted_means, log_variances, cells_t, shared_t, settings.pseudo,
+                              None if depths is None else torch.as_tensor(np.asarray(depths, dtype=np.float64)),
+                              None if reference_cells is None else torch.as_tensor(np.asarray(reference_cells,
+                                                                                             dtype=np.float64)))
     if mode == "absolute":
         targets = log_profile(profiles_t, settings.pseudo)
     else:
@@ -349,6 +489,9 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
                      ", ".join(f"{float(v):.3f}" for v in composition))
         targets = relative_targets(unshifted_means, profiles_t, baseline_t, composition / composition.sum(), shared_t,
                                    settings.pseudo)
+        # the target is a ratio to the baseline, which varies too: by one sample's worth (a given baseline,
+        # taken as conservatively as one bulk) or by the mean of the samples'
+        noise = noise * math.sqrt(2.0 if baseline is not None else 1.0 + 1.0 / len(profiles_t))
     unshifted = log_profile(pseudo_bulk_profile(unshifted_means, shares, shared_t), settings.pseudo)
 
     n_samples = len(cells_t)
@@ -361,8 +504,12 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
         for s in range(n_samples):
             z_shifts[s], changes[s], latent_losses[s] = fit_latent(model, z, base, calibrate, whitener, shares[s],
                                                                    targets[s], shared_t, settings)
-    types, genes, gene_losses = fit_genes(base, changes, shares, targets, shared_t, settings)
-    gene_shift = (types[None] + genes[:, None, :]).clamp(-settings.max_log_shift, settings.max_log_shift)
+    # what the bulk differs from the model by beyond its sampling noise is what the fit is asked for
+    fit_targets, beyond = denoise_targets(targets, unshifted, noise, shared_t, settings.pseudo,
+                                          settings.noise_threshold, settings.noise_gamma)
+    types, genes, gene_losses = fit_genes(base, changes, shares, fit_targets, shared_t, settings)
+    genes = genes if genes.dim() == 3 else genes[:, None, :]
+    gene_shift = (types[None] + genes).clamp(-settings.max_log_shift, settings.max_log_shift)
     log_means = expected_log_means(base[0][None], base[1][None], gene_shift, settings.frequency) + changes
     conditioned = log_profile(pseudo_bulk_profile(log_means, shares, shared_t), settings.pseudo)
     seconds = time.perf_counter() - start
@@ -380,6 +527,10 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
             residual=residual, converged=converged,
             diagnostics={"mode": mode, "n_shared_genes": int(shared_t.sum()), "seconds": seconds / n_samples,
                          "mean_abs_log_fold_change": float((log_means[s] - unshifted_means).abs().mean()),
+                         "noise_threshold": settings.noise_threshold,
+                         "library_log_change": [float(v) for v in torch.logsumexp(log_means[s], -1)
+                                                - torch.logsumexp(unshifted_means, -1)],
+                         "genes_beyond_noise": int(beyond[s].sum()),
                          "latent_shift_sd": [float(v) for v in whitened]}))
     return results
 
