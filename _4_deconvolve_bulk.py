@@ -144,7 +144,7 @@ def calibrate_intervals(fit, reference: pd.DataFrame, gene_lengths: pd.Series, c
     calib_tpm, calib_truth = tape.calibration_bulks(reference, fit.settings, cfg.CALIBRATION_SAMPLES, gene_lengths,
                                                     paths.checkpoints_dir, n_threads)
     calib_pred = tape.predict_proportions(tape.checkpoint_dict(fit), calib_tpm, gene_lengths, adaptive=False,
-                                          source="calibration bulks", n_threads=n_threads, model=fit.model)
+                                          source="calibration bulks", n_threads=n_threads, model=fit.members)
     halfwidth = tape.conformal_halfwidth(calib_pred, calib_truth)
     log.info("90 %% intervals from %d simulated bulks: half-width %s", len(calib_tpm),
              ", ".join(f"{t} {w:.3f}" for t, w in halfwidth.items()))
@@ -202,7 +202,7 @@ def main(argv=None) -> pd.DataFrame:
         del reference
         tape.save_checkpoint(fit, paths.tape_checkpoint)
         log.info("wrote %s (%d genes)", paths.tape_checkpoint, len(fit.genes))
-        ckpt, model = tape.checkpoint_dict(fit), fit.model
+        ckpt, model = tape.checkpoint_dict(fit), fit.members
 
     pred = tape.predict_proportions(ckpt, bulk_tpm, gene_lengths, adaptive=cfg.ADAPTIVE, min_shared_genes=cfg.MIN_SHARED_GENES,
                                     source=str(bulk_path), n_threads=n_threads,
