@@ -525,6 +525,9 @@ def part_lung(cfg, results: dict, cache: dict) -> None:
           f"{times['intervals']:.0f} s, predict 5 bulks (adaptive={cfg.ADAPTIVE}) {times['predict']:.0f} s; "
           f"peak RSS {peak_rss_mb():.0f} MB (before this part {rss_before:.0f} MB); "
           f"synthetic pseudo-bulk MAE {s['mae']:.4f} (easy synthetic types, not a lung accuracy figure)")
+    total = sum(times[k] for k in ("simulate", "train", "intervals", "predict"))
+    print(f"stage 4's TAPE work in all: {total:.0f} s ({total / 60:.1f} min; reading the reference table not "
+          f"included), {len(fit.members)} member(s)")
     results["lung"] = {**times, "peak_rss_mb": peak_rss_mb(), **s}
 
 

@@ -372,6 +372,18 @@ def test_stage4_end_to_end_then_predict_from_checkpoint(data_dir, tmp_path):
                                atol=1e-6)
 
 
+def test_stage4_ensemble_of_marker_fits_reloads_the_same(data_dir, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    args = [f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path / 'fig'}", "--MEMBERS=2", "--GENE_SELECTION=markers",
+            "--MARKERS_PER_TYPE=20", *TINY_ARGS]
+    pred = stage4.main(args)
+    ckpt = torch.load(Paths(root).tape_checkpoint, weights_only=True)
+    assert len(ckpt["member_state_dicts"]) == 1 and ckpt["settings"]["gene_selection"] == "markers"
+    assert len(ckpt["genes"]) <= 3 * 20
+    np.testing.assert_allclose(stage4.main([*args, "--RETRAIN=false"]).to_numpy(), pred.to_numpy(), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- intervals
 def test_intervals_contain_the_point_estimate_and_stay_in_unit_range():
     rng = np.random.default_rng(0)
@@ -520,3 +532,7 @@ def test_stage4_missing_inputs_name_the_stage(tiny_split_dir, tmp_path):
     with pytest.raises(InputError, match="tape.pt"):
         write_sctape_inputs(root)
         stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path}", "--RETRAIN=false", *TINY_ARGS])
+    with pytest.raises(InputError, match="GENE_SELECTION"):
+        stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path}", "--GENE_SELECTION=best", *TINY_ARGS])
+    with pytest.raises(InputError, match="MEMBERS"):
+        stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path}", "--MEMBERS=0", *TINY_ARGS])

@@ -27,6 +27,7 @@ TAPE_VERSION = "1.1.2"
 # TAPE's predict() runs adaptive_stage(step=300, max_iter=3) in mode="overall"; kept verbatim.
 ADAPTIVE_STEP = 300
 ADAPTIVE_MAX_ITER = 3
+GENE_SELECTIONS = ("all", "markers")  # TapeSettings.gene_selection
 
 # ============================================================================= TAPE import
 def import_tape():
@@ -228,8 +229,8 @@ def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
                  "of the type's cells)", sum(g in markers for g in genes), len(genes), len(markers),
                  settings.markers_per_type, 100 * settings.marker_min_detection)
         genes = [g for g in genes if g in markers]
-    elif settings.gene_selection != "all":
-        raise InputError(f"GENE_SELECTION must be 'all' or 'markers', got {settings.gene_selection!r}")
+    elif settings.gene_selection not in GENE_SELECTIONS:
+        raise InputError(f"GENE_SELECTION must be one of {GENE_SELECTIONS}, got {settings.gene_selection!r}")
     if not genes:
         raise InputError("no gene survives TAPE's variance filter and the intersection with the bulk")
     train_x = scale_samples(train_tpm, genes)
