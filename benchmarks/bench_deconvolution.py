@@ -91,7 +91,8 @@ AUGMENT_SD = 0.5  # per-(sample, gene) log-normal sd: of the order of the gene-w
 AUGMENT_SLOPE_SD = 0.2  # per-sample gene-length slope sd: Finotello vs Zheng shows ~0.35 before the TPM fix
 VARIANTS = ""  # real: further TAPE fits, comma-separated "selection*members[@epochs]", selection "all" or
 #   "markers:N" (N markers per type, units.marker_genes); members > 1 = an ensemble on the same simulated bulks
-#   (rows for its first member, the mean, and intervals from the members' spread); e.g. "markers:200*4,all*4@32"
+#   (rows for its first member, the mean, and intervals from the members' spread); "*4b": members after the first
+#   train on bulks simulated from a bootstrap of the reference cells; e.g. "markers:200*4,markers:200*4b,all*4@32"
 MARKER_MIN_DETECTION = 0.1  # real: markers detected in at least this share of the type's cells
 SPREAD_FLOOR = 0.01  # real: intervals from the ensemble's spread scale with (sd over members + this)
 FIG_DIR = str(REPO / "fig" / "readme")  # real: stage 4's scatter (with intervals) per reference x cohort; "" = none
@@ -363,9 +364,10 @@ def parse_variant(cfg, variant: str) -> tape.TapeSettings:
     head, _, epochs = variant.partition("@")
     selection, _, members = head.partition("*")
     kind, _, per_type = selection.partition(":")
+    bootstrap = members.endswith("b")
     return settings_from(cfg, adaptive=False, gene_selection=kind, markers_per_type=int(per_type or 200),
-                         marker_min_detection=cfg.MARKER_MIN_DETECTION, members=int(members or 1),
-                         epochs=int(epochs or cfg.EPOCHS))
+                         marker_min_detection=cfg.MARKER_MIN_DETECTION, members=int(members.rstrip("b") or 1),
+                         member_data="bootstrap" if bootstrap else "shared", epochs=int(epochs or cfg.EPOCHS))
 
 
 def score_row(cfg, results, name, cohort, method, point, bounds, truth) -> None:

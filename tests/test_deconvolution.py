@@ -478,6 +478,20 @@ def test_ensemble_averages_members_and_reloads(fitted, inputs, simulated, tmp_pa
     assert "member_state_dicts" not in tape.checkpoint_dict(single)
 
 
+def test_bootstrap_members_train_on_resampled_reference_cells(fitted, inputs, simulated, tmp_path):
+    single, _ = fitted
+    reference, lengths, bulk, _ = inputs
+    resampled = tape.bootstrap_reference(reference, 5)
+    assert resampled.index.value_counts().sort_index().equals(reference.index.value_counts().sort_index())
+    assert not resampled.equals(reference)
+    settings = dataclasses.replace(TINY, members=2, member_data="bootstrap")
+    fit = tape.fit_tape(reference, bulk, lengths, settings, tmp_path, n_threads=1, simulated=simulated.copy())
+    first, second = tape.predict_members(tape.checkpoint_dict(fit), bulk, lengths, model=fit.members)
+    np.testing.assert_allclose(first.to_numpy(), tape.predict_proportions(
+        tape.checkpoint_dict(single), bulk, lengths, model=single.model).to_numpy(), atol=1e-7)
+    assert not np.allclose(first.to_numpy(), second.to_numpy())
+
+
 def test_spread_scaled_intervals_contain_the_point_and_widen_with_the_spread():
     rng = np.random.default_rng(1)
     members = [pd.DataFrame(rng.dirichlet(np.ones(3), 50), columns=list("abc")) for _ in range(4)]

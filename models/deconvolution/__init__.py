@@ -48,7 +48,7 @@ from models.deconvolution.units import (  # noqa: F401
     decide_protocol, marker_genes, model_scale, orient_bulk, prepare_bulk, read_table, reference_profile, scale_samples,
     select_genes)
 from models.deconvolution.tape import (  # noqa: F401
-    ADAPTIVE_MAX_ITER, ADAPTIVE_STEP, GENE_SELECTIONS, TAPE_VERSION, TapeFit, TapeSettings, calibration_bulks, checkpoint_dict,
+    ADAPTIVE_MAX_ITER, ADAPTIVE_STEP, GENE_SELECTIONS, MEMBER_DATA, TAPE_VERSION, TapeFit, TapeSettings, bootstrap_reference, calibration_bulks, checkpoint_dict,
     checkpoint_halfwidth, checkpoint_profile,
     checkpoint_protocol, fit_tape, import_tape, load_checkpoint, model_from_checkpoint, models_from_checkpoint,
     predict_members, predict_proportions,

@@ -28,6 +28,7 @@ TAPE_VERSION = "1.1.2"
 ADAPTIVE_STEP = 300
 ADAPTIVE_MAX_ITER = 3
 GENE_SELECTIONS = ("all", "markers")  # TapeSettings.gene_selection
+MEMBER_DATA = ("shared", "bootstrap")  # TapeSettings.member_data
 
 # ============================================================================= TAPE import
 def import_tape():
@@ -111,7 +112,9 @@ class TapeSettings:
     gene_selection: str = "all"  # "all": TAPE's variance filter only; "markers": also only units.marker_genes
     markers_per_type: int = 200  # with "markers": each type's most specific genes
     marker_min_detection: float = 0.1  # with "markers": detected in at least this share of the type's cells
-    members: int = 1  # ensemble: TAPE fits on the same simulated bulks, seeds seed .. seed + members - 1, averaged
+    members: int = 1  # ensemble: TAPE fits with seeds seed .. seed + members - 1, averaged
+    member_data: str = "shared"  # "shared": every member trains on the same simulated bulks; "bootstrap": member
+    #                              m > 0 on bulks simulated (seed + m) from a per-type bootstrap of the reference cells
 
 
 @dataclass
@@ -197,6 +200,24 @@ def augment_platform(train_tpm: pd.DataFrame, gene_lengths: pd.Series | None, pl
     return pd.DataFrame(values, index=train_tpm.index, columns=train_tpm.columns)
 
 
+def bootstrap_reference(reference: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The reference's cells resampled with replacement within each type (type sizes kept)."""
+    rng = np.random.default_rng([seed, 3])
+    codes, _ = pd.factorize(reference.index)
+    rows = np.concatenate([rng.choice(np.flatnonzero(codes == k), (codes == k).sum()) for k in range(codes.max() + 1)])
+    return reference.iloc[np.sort(rows)]
+
+
+def _training_tpm(simulated, gene_lengths: pd.Series, settings: TapeSettings, seed: int) -> pd.DataFrame:
+    """TAPE's simulated counts -> TPM (augmented if asked) at the model's scale (:func:`model_scale`)."""
+    train_tpm = simulated_tpm(simulated, gene_lengths, settings.reference_protocol)
+    if settings.platform_sd > 0 or settings.length_slope_sd > 0:
+        train_tpm = augment_platform(train_tpm, gene_lengths, settings.platform_sd, settings.length_slope_sd, seed)
+        log.info("augmented the training bulks: per-gene log-normal sd %.2f, gene-length slope sd %.2f",
+                 settings.platform_sd, settings.length_slope_sd)
+    return model_scale(train_tpm, gene_lengths)
+
+
 def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series,
              settings: TapeSettings, workdir: str | Path, n_threads: int | None = None,
              simulated=None) -> TapeFit:
@@ -214,13 +235,9 @@ def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
     simulate_seconds = time.perf_counter() - start
     if settings.reference_protocol not in PROTOCOLS:
         raise InputError(f"the reference protocol must be one of {PROTOCOLS}, got {settings.reference_protocol!r}")
-    train_tpm = simulated_tpm(simulated, gene_lengths, settings.reference_protocol)
-    if settings.platform_sd > 0 or settings.length_slope_sd > 0:
-        train_tpm = augment_platform(train_tpm, gene_lengths, settings.platform_sd, settings.length_slope_sd,
-                                     settings.seed)
-        log.info("augmented the training bulks: per-gene log-normal sd %.2f, gene-length slope sd %.2f",
-                 settings.platform_sd, settings.length_slope_sd)
-    train_tpm = model_scale(train_tpm, gene_lengths)
+    if settings.member_data not in MEMBER_DATA:
+        raise InputError(f"member_data must be one of {MEMBER_DATA}, got {settings.member_data!r}")
+    train_tpm = _training_tpm(simulated, gene_lengths, settings, settings.seed)
     genes = select_genes(train_tpm, model_scale(bulk_tpm, gene_lengths), settings.variance_threshold)
     if settings.gene_selection == "markers":
         markers = set(marker_genes(reference, settings.markers_per_type, settings.marker_min_detection,
@@ -242,10 +259,18 @@ def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
     start = time.perf_counter()
     members = []
     for member in range(max(1, settings.members)):
+        x, y = train_x, train_y
+        if member > 0 and settings.member_data == "bootstrap":
+            seed = settings.seed + member
+            resampled = bootstrap_reference(reference, seed)
+            boot = simulate_bulks(resampled, TapeSettings(**{**asdict(settings), "seed": seed}), workdir, n_threads)
+            del resampled
+            x = scale_samples(_training_tpm(boot, gene_lengths, settings, seed), genes)
+            y = boot.obs[cell_types].to_numpy(dtype=np.float64)
+            del boot
         with tape_sandbox(workdir, n_threads):
             tape.train.reproducibility(settings.seed + member)  # member 0 is the single fit
-            members.append(tape.train.train_model(train_x, train_y, batch_size=settings.batch_size,
-                                                  epochs=settings.epochs))
+            members.append(tape.train.train_model(x, y, batch_size=settings.batch_size, epochs=settings.epochs))
     train_seconds = time.perf_counter() - start
     log.info("TAPE simulation %.1f s, training %.1f s (%d member%s)", simulate_seconds, train_seconds,
              len(members), "" if len(members) == 1 else "s")
