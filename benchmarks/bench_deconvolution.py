@@ -90,7 +90,8 @@ AUGMENT = True  # real: also a fit with platform augmentation (stage 4's PLATFOR
 AUGMENT_SD = 0.5  # per-(sample, gene) log-normal sd: of the order of the gene-wise log ratios between platforms
 AUGMENT_SLOPE_SD = 0.2  # per-sample gene-length slope sd: Finotello vs Zheng shows ~0.35 before the TPM fix
 VARIANTS = ""  # real: further TAPE fits, comma-separated "selection*members[@epochs]", selection "all" or
-#   "markers:N" (N markers per type, units.marker_genes); members > 1 = an ensemble on the same simulated bulks
+#   "markers:N[:D]" (N markers per type detected in >= D of its cells, units.marker_genes; N=99999: every gene
+#   detected in >= D of some type's cells); members > 1 = an ensemble on the same simulated bulks
 #   (rows for its first member, the mean, and intervals from the members' spread); "*4b": members after the first
 #   train on bulks simulated from a bootstrap of the reference cells; e.g. "markers:200*4,markers:200*4b,all*4@32"
 MARKER_MIN_DETECTION = 0.1  # real: markers detected in at least this share of the type's cells
@@ -364,9 +365,10 @@ def parse_variant(cfg, variant: str) -> tape.TapeSettings:
     head, _, epochs = variant.partition("@")
     selection, _, members = head.partition("*")
     kind, _, per_type = selection.partition(":")
+    per_type, _, detection = per_type.partition(":")
     bootstrap = members.endswith("b")
     return settings_from(cfg, adaptive=False, gene_selection=kind, markers_per_type=int(per_type or 200),
-                         marker_min_detection=cfg.MARKER_MIN_DETECTION, members=int(members.rstrip("b") or 1),
+                         marker_min_detection=float(detection or cfg.MARKER_MIN_DETECTION), members=int(members.rstrip("b") or 1),
                          member_data="bootstrap" if bootstrap else "shared", epochs=int(epochs or cfg.EPOCHS))
 
 
