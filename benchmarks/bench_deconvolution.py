@@ -320,7 +320,7 @@ def mapped_with_bounds(pred: pd.DataFrame, bounds) -> tuple:
 def part_real(cfg, results: dict, cache: dict) -> None:
     shared = Path(cfg.SHARED)
     lengths = io.read_gene_lengths(shared / "gene_length_hg19.csv.gz")
-    methods = cfg.METHODS.split(",")
+    methods = [m for m in cfg.METHODS.split(",") if m]
     print(f"\n## (r) real bulks x shared references; methods {methods}; categories {CATEGORIES}")
     print("mapping: " + "; ".join(f"{k} -> {v}" for k, v in TO_CATEGORY.items() if k != v) +
           ". Left out (no counterpart): Finotello Neutrophils, Other; pbmc3k Megakaryocytes. Truth and "
@@ -353,7 +353,7 @@ def part_real(cfg, results: dict, cache: dict) -> None:
             calib = tape.calibration_bulks(reference, fits[0][1], cfg.CALIBRATION_SAMPLES, lengths,
                                            "/tmp/bench_tape", THREADS)
         print(f"| {name}: simulation of the training and calibration bulks {times['simulate']:.0f} s | | | | | | |")
-        for prefix, settings in fits:
+        for prefix, settings in fits if methods else []:  # METHODS="": only the VARIANTS fits
             real_part_rows(cfg, results, name, prefix, settings, reference, lengths, real, cohorts, methods,
                            simulated, calib)
         for variant in [v for v in cfg.VARIANTS.split(",") if v]:
@@ -418,7 +418,14 @@ def variant_rows(cfg, results, name, variant, reference, lengths, real, cohorts,
                       tape.intervals(members[0], first_halfwidth), truth)
         score_row(cfg, results, name, cohort, f"{variant}{' mean' if ensemble else ''}", mean,
                   tape.intervals(mean, halfwidth), truth)
-        if ensemble:
+        if ensemble:  # each member alone: seeds seed .. seed + members - 1 of the single fit
+            each = []
+            for member in members:
+                shown, t = (member, truth[member.columns]) if cohort == "Zheng pseudo-bulks" else \
+                    (to_categories(member), truth)
+                o = proportion_metrics(shown, t.loc[shown.index]).loc["overall"]
+                each.append(f"{o['mae']:.4f} / {o['pearson_r']:.2f}")
+            print(f"| {name} | {cohort} | {variant}, each member alone (MAE / r) | {'; '.join(each)} | | | |")
             scale = tape.ensemble_scale(members, cfg.SPREAD_FLOOR)
             score_row(cfg, results, name, cohort, f"{variant} mean, spread intervals", mean,
                       tape.intervals(mean, multiplier, scale), truth)
