@@ -16,14 +16,19 @@ Parts (``--PART=``, default ``all`` = zheng,finotello,lung):
                all cells), mapped onto five categories (CATEGORIES below); for each, today's method
                (stage 4 as before the intervals: one TAPE fit, point estimates) next to the methods
                under test (METHODS), with MAE, pooled r, per-category r and the coverage of the 90 %
-               intervals; plus the Zheng pseudo-bulks (MAE, coverage) from the same fits.
+               intervals; plus the Zheng pseudo-bulks (MAE, coverage) from the same fits. VARIANTS adds
+               fits with marker-gene selection and/or ensembles (every fit of a reference shares one
+               simulation and one set of calibration bulks).
     lung       timing at lung scale: synthetic 7,600 cells x 16,000 genes, 17 types, stage 4's
-               default settings: simulation, training and prediction seconds, peak RSS.
+               default settings (or LUNG_VARIANT): simulation, training, interval calibration and
+               prediction seconds, their total, peak RSS.
 
 Run (heavy: take the shared lock so timings do not overlap other helpers' runs):
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=lung
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real
+    flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real --METHODS=today,tape \
+        --AUGMENT=false --VARIANTS='markers:50*1,markers:100*1,markers:200*4,all*4@32' --FIG_DIR=
 Prints figures only; asserts nothing about time.
 """
 from __future__ import annotations
