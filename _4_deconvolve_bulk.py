@@ -69,6 +69,12 @@ VARIANCE_THRESHOLD = 0.98  # TAPE keeps genes above the 98th-from-top variance r
 ADAPTIVE = False  # TAPE's adaptive stage (300 x 3 steps on the bulk): minutes, and worse MAE on Zheng and Finotello (README)
 SPARSE = True  # TAPE's default: half the simulated samples lack half the cell types
 TORCH_THREADS = 0  # 0 = one per core; TAPE's speed scales with threads on 2 cores
+GENE_SELECTION = "all"  # "all": every gene TAPE's variance filter keeps; "markers": only each type's MARKERS_PER_TYPE
+#                        most specific genes in the reference (README: measured on real bulks)
+MARKERS_PER_TYPE = 200  # with GENE_SELECTION="markers"
+MARKER_MIN_DETECTION = 0.1  # with "markers": a marker is detected in at least this share of its type's cells
+MEMBERS = 1  # TAPE fits averaged (an ensemble on the same simulated bulks, seeds SEED .. SEED+MEMBERS-1); each costs
+#              one training run (3.9 min at lung scale with every gene)
 CALIBRATION_SAMPLES = 400  # simulated bulks with known truth that set the 90 % intervals (split conformal): the
 #                            coverage's sampling sd is ~1.5 % at 400; they cost one forward pass, seconds
 # -----------------------------------------------------------------------------
@@ -162,7 +168,7 @@ def calibrate_intervals(fit, reference: pd.DataFrame, gene_lengths: pd.Series, c
     calib_tpm, calib_truth = tape.calibration_bulks(reference, fit.settings, cfg.CALIBRATION_SAMPLES, gene_lengths,
                                                     paths.checkpoints_dir, n_threads)
     calib_pred = tape.predict_proportions(tape.checkpoint_dict(fit), calib_tpm, gene_lengths, adaptive=False,
-                                          source="calibration bulks", n_threads=n_threads, model=fit.model)
+                                          source="calibration bulks", n_threads=n_threads, model=fit.members)
     halfwidth = tape.conformal_halfwidth(calib_pred, calib_truth)
     log.info("90 %% intervals from %d simulated bulks: half-width %s", len(calib_tpm),
              ", ".join(f"{t} {w:.3f}" for t, w in halfwidth.items()))
@@ -177,6 +183,10 @@ def main(argv=None) -> pd.DataFrame:
     n_threads = set_torch_threads(cfg.TORCH_THREADS)
     log.info("torch threads: %d", n_threads)
 
+    if cfg.GENE_SELECTION not in tape.GENE_SELECTIONS:
+        raise InputError(f"GENE_SELECTION must be one of {tape.GENE_SELECTIONS}, got {cfg.GENE_SELECTION!r}")
+    if cfg.MEMBERS < 1 or cfg.MARKERS_PER_TYPE < 1:
+        raise InputError(f"MEMBERS and MARKERS_PER_TYPE must be at least 1, got {cfg.MEMBERS} and {cfg.MARKERS_PER_TYPE}")
     default_bulk = not cfg.BULK
     bulk_path = paths.pseudobulk_tpm if default_bulk else resolve(cfg.BULK)
     truth_path = resolve(cfg.BULK_TRUTH) if cfg.BULK_TRUTH else (paths.pseudobulk_truth if default_bulk else None)
@@ -220,7 +230,8 @@ def main(argv=None) -> pd.DataFrame:
         settings = tape.TapeSettings(
             samplenum=cfg.SAMPLENUM, n_cells=cfg.N_CELLS, epochs=cfg.EPOCHS, batch_size=cfg.BATCH_SIZE,
             variance_threshold=cfg.VARIANCE_THRESHOLD, adaptive=cfg.ADAPTIVE, sparse=cfg.SPARSE, seed=cfg.SEED,
-            reference_protocol=protocol)
+            reference_protocol=protocol, gene_selection=cfg.GENE_SELECTION, markers_per_type=cfg.MARKERS_PER_TYPE,
+            marker_min_detection=cfg.MARKER_MIN_DETECTION, members=cfg.MEMBERS)
         fit = tape.fit_tape(reference, bulk_tpm, gene_lengths, settings, paths.checkpoints_dir, n_threads)
         fit.halfwidth = calibrate_intervals(fit, reference, gene_lengths, cfg, paths, n_threads)
         if reference_ids is not None:
@@ -228,7 +239,7 @@ def main(argv=None) -> pd.DataFrame:
         del reference
         tape.save_checkpoint(fit, paths.tape_checkpoint)
         log.info("wrote %s (%d genes)", paths.tape_checkpoint, len(fit.genes))
-        ckpt, model = tape.checkpoint_dict(fit), fit.model
+        ckpt, model = tape.checkpoint_dict(fit), fit.members
 
     pred = tape.predict_proportions(ckpt, bulk_tpm, gene_lengths, adaptive=cfg.ADAPTIVE, min_shared_genes=cfg.MIN_SHARED_GENES,
                                     source=str(bulk_path), n_threads=n_threads,

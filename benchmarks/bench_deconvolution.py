@@ -16,14 +16,19 @@ Parts (``--PART=``, default ``all`` = zheng,finotello,lung):
                all cells), mapped onto five categories (CATEGORIES below); for each, today's method
                (stage 4 as before the intervals: one TAPE fit, point estimates) next to the methods
                under test (METHODS), with MAE, pooled r, per-category r and the coverage of the 90 %
-               intervals; plus the Zheng pseudo-bulks (MAE, coverage) from the same fits.
+               intervals; plus the Zheng pseudo-bulks (MAE, coverage) from the same fits. VARIANTS adds
+               fits with marker-gene selection and/or ensembles (every fit of a reference shares one
+               simulation and one set of calibration bulks).
     lung       timing at lung scale: synthetic 7,600 cells x 16,000 genes, 17 types, stage 4's
-               default settings: simulation, training and prediction seconds, peak RSS.
+               default settings (or LUNG_VARIANT): simulation, training, interval calibration and
+               prediction seconds, their total, peak RSS.
 
 Run (heavy: take the shared lock so timings do not overlap other helpers' runs):
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=lung
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real
+    flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real --METHODS=today,tape \
+        --AUGMENT=false --VARIANTS='markers:50*1,markers:100*1,markers:200*4,all*4@32' --FIG_DIR=
 Prints figures only; asserts nothing about time.
 """
 from __future__ import annotations
@@ -80,6 +85,7 @@ LUNG_EPOCHS = 0  # lung timing: 0 = EPOCHS; fewer gives the per-epoch cost quick
 LUNG_CELLS = 7600  # lung scale (GSE130148 after QC: ~7,600 train cells, 17 clusters, ~16,000 genes)
 LUNG_GENES = 16000
 LUNG_TYPES = 17
+LUNG_VARIANT = ""  # lung: time this VARIANTS fit instead of stage 4's defaults (e.g. "markers:200*4")
 REAL_REFERENCES = "pbmc_zheng7,pbmc3k_labelled"  # real: the shared references to train on
 METHODS = "today,tape,tape/content,nnls,tape+nnls"  # real: today = stage 4 before this issue; tape = the same fit
 #   with stage 4's intervals; tape/content = TAPE read as RNA fractions, divided by each type's mean library size;
@@ -88,6 +94,13 @@ CALIBRATION_SAMPLES = stage4.CALIBRATION_SAMPLES
 AUGMENT = True  # real: also a fit with platform augmentation (stage 4's PLATFORM_SD, LENGTH_SLOPE_SD below)
 AUGMENT_SD = 0.5  # per-(sample, gene) log-normal sd: of the order of the gene-wise log ratios between platforms
 AUGMENT_SLOPE_SD = 0.2  # per-sample gene-length slope sd: Finotello vs Zheng shows ~0.35 before the TPM fix
+VARIANTS = ""  # real: further TAPE fits, comma-separated "selection*members[@epochs]", selection "all" or
+#   "markers:N[:D]" (N markers per type detected in >= D of its cells, units.marker_genes; N=99999: every gene
+#   detected in >= D of some type's cells); members > 1 = an ensemble on the same simulated bulks
+#   (rows for its first member, the mean, and intervals from the members' spread); "*4b": members after the first
+#   train on bulks simulated from a bootstrap of the reference cells; e.g. "markers:200*4,markers:200*4b,all*4@32"
+MARKER_MIN_DETECTION = 0.1  # real: markers detected in at least this share of the type's cells
+SPREAD_FLOOR = 0.01  # real: intervals from the ensemble's spread scale with (sd over members + this)
 FIG_DIR = str(REPO / "fig" / "readme")  # real: stage 4's scatter (with intervals) per reference x cohort; "" = none
 # -----------------------------------------------------------------------------
 
@@ -312,7 +325,7 @@ def mapped_with_bounds(pred: pd.DataFrame, bounds) -> tuple:
 def part_real(cfg, results: dict, cache: dict) -> None:
     shared = Path(cfg.SHARED)
     lengths = io.read_gene_lengths(shared / "gene_length_hg19.csv.gz")
-    methods = cfg.METHODS.split(",")
+    methods = [m for m in cfg.METHODS.split(",") if m]
     print(f"\n## (r) real bulks x shared references; methods {methods}; categories {CATEGORIES}")
     print("mapping: " + "; ".join(f"{k} -> {v}" for k, v in TO_CATEGORY.items() if k != v) +
           ". Left out (no counterpart): Finotello Neutrophils, Other; pbmc3k Megakaryocytes. Truth and "
@@ -339,18 +352,101 @@ def part_real(cfg, results: dict, cache: dict) -> None:
         if cfg.AUGMENT:
             fits.append(("aug ", settings_from(cfg, adaptive=False, platform_sd=cfg.AUGMENT_SD,
                                                length_slope_sd=cfg.AUGMENT_SLOPE_SD)))
-        for prefix, settings in fits:
-            real_part_rows(cfg, results, name, prefix, settings, reference, lengths, real, cohorts, methods)
+        times = {}
+        with timed("simulate", times):  # every fit of this reference trains on the same simulated bulks
+            simulated = tape.simulate_bulks(reference, fits[0][1], "/tmp/bench_tape", THREADS)
+            calib = tape.calibration_bulks(reference, fits[0][1], cfg.CALIBRATION_SAMPLES, lengths,
+                                           "/tmp/bench_tape", THREADS)
+        print(f"| {name}: simulation of the training and calibration bulks {times['simulate']:.0f} s | | | | | | |")
+        for prefix, settings in fits if methods else []:  # METHODS="": only the VARIANTS fits
+            real_part_rows(cfg, results, name, prefix, settings, reference, lengths, real, cohorts, methods,
+                           simulated, calib)
+        for variant in [v for v in cfg.VARIANTS.split(",") if v]:
+            variant_rows(cfg, results, name, variant, reference, lengths, real, cohorts, simulated, calib)
 
 
-def real_part_rows(cfg, results, name, prefix, settings, reference, lengths, real, cohorts, methods) -> None:
+def parse_variant(cfg, variant: str) -> tape.TapeSettings:
+    """ "selection*members[@epochs]" (VARIANTS) -> the fit's settings."""
+    head, _, epochs = variant.partition("@")
+    selection, _, members = head.partition("*")
+    kind, _, per_type = selection.partition(":")
+    per_type, _, detection = per_type.partition(":")
+    bootstrap = members.endswith("b")
+    return settings_from(cfg, adaptive=False, gene_selection=kind, markers_per_type=int(per_type or 200),
+                         marker_min_detection=float(detection or cfg.MARKER_MIN_DETECTION), members=int(members.rstrip("b") or 1),
+                         member_data="bootstrap" if bootstrap else "shared", epochs=int(epochs or cfg.EPOCHS))
+
+
+def score_row(cfg, results, name, cohort, method, point, bounds, truth) -> None:
+    """One table row: MAE, pooled r, per-category r, coverage (real cohorts mapped onto CATEGORIES)."""
+    if cohort == "Zheng pseudo-bulks":
+        shown, shown_bounds, t = point, bounds, truth[point.columns]
+    else:
+        (shown, shown_bounds), t = mapped_with_bounds(point, bounds), truth
+    table = proportion_metrics(shown, t.loc[shown.index])
+    o = table.loc["overall"]
+    per = [pearson_r(shown[c].to_numpy(), t.loc[shown.index, c].to_numpy()) for c in CATEGORIES] \
+        if cohort != "Zheng pseudo-bulks" else []
+    cov = tape.coverage(*shown_bounds, t) if shown_bounds is not None else float("nan")
+    print(f"| {name} | {cohort} | {method} | {o['mae']:.4f} | {o['pearson_r']:.3f} | "
+          f"{', '.join(f'{r:.2f}' for r in per)} | {cov:.2f} |", flush=True)
+    results[f"real/{name}/{cohort}/{method}"] = {"mae": o["mae"], "r": o["pearson_r"], "coverage": cov}
+
+
+def variant_rows(cfg, results, name, variant, reference, lengths, real, cohorts, simulated, calib) -> None:
+    """A VARIANTS fit: its first member and the members' mean, with conformal intervals around the mean
+    and, for an ensemble, normalised-conformal intervals scaled by the members' spread."""
+    settings = parse_variant(cfg, variant)
+    times = {}
+    with timed("fit", times):
+        fit = tape.fit_tape(reference, real.div(real.sum(axis=1), axis=0) * 1e6, lengths, settings,
+                            "/tmp/bench_tape", THREADS, simulated=simulated.copy())
+    ckpt = tape.checkpoint_dict(fit)
+    with timed("calibrate", times):
+        calib_members = tape.predict_members(ckpt, calib[0], lengths, adaptive=False, model=fit.members,
+                                             n_threads=THREADS)
+    calib_mean = sum(calib_members[1:], calib_members[0]) / len(calib_members)
+    calib_truth = calib[1][calib_mean.columns]
+    halfwidth = tape.conformal_halfwidth(calib_mean, calib_truth)
+    first_halfwidth = tape.conformal_halfwidth(calib_members[0], calib_truth)
+    ensemble = len(fit.members) > 1
+    if ensemble:
+        calib_scale = tape.ensemble_scale(calib_members, cfg.SPREAD_FLOOR)
+        multiplier = tape.conformal_halfwidth(calib_mean, calib_truth, scale=calib_scale)
+    print(f"| {name}: {variant}: {len(fit.genes)} genes, {len(fit.members)} member(s) x {settings.epochs} epochs; "
+          f"train {times['fit']:.0f} s, calibration predictions {times['calibrate']:.1f} s | | | | | | |")
+    for cohort, (bulk, truth) in cohorts.items():
+        members = tape.predict_members(ckpt, bulk, lengths, adaptive=False, model=fit.members, n_threads=THREADS)
+        mean = sum(members[1:], members[0]) / len(members)
+        if ensemble:
+            score_row(cfg, results, name, cohort, f"{variant} first member", members[0],
+                      tape.intervals(members[0], first_halfwidth), truth)
+        score_row(cfg, results, name, cohort, f"{variant}{' mean' if ensemble else ''}", mean,
+                  tape.intervals(mean, halfwidth), truth)
+        if ensemble:  # each member alone: seeds seed .. seed + members - 1 of the single fit
+            each = []
+            for member in members:
+                shown, t = (member, truth[member.columns]) if cohort == "Zheng pseudo-bulks" else \
+                    (to_categories(member), truth)
+                o = proportion_metrics(shown, t.loc[shown.index]).loc["overall"]
+                each.append(f"{o['mae']:.4f} / {o['pearson_r']:.2f}")
+            print(f"| {name} | {cohort} | {variant}, each member alone (MAE / r) | {'; '.join(each)} | | | |")
+            scale = tape.ensemble_scale(members, cfg.SPREAD_FLOOR)
+            score_row(cfg, results, name, cohort, f"{variant} mean, spread intervals", mean,
+                      tape.intervals(mean, multiplier, scale), truth)
+
+
+def real_part_rows(cfg, results, name, prefix, settings, reference, lengths, real, cohorts, methods,
+                   simulated, calib) -> None:
     """One TAPE fit (with its intervals) on ``reference``, scored on every cohort by every method."""
     times = {}
     with timed("fit", times):
         fit = tape.fit_tape(reference, real.div(real.sum(axis=1), axis=0) * 1e6, lengths, settings,
-                            "/tmp/bench_tape", THREADS)
+                            "/tmp/bench_tape", THREADS, simulated=simulated.copy())
     with timed("calibrate", times):
-        fit.halfwidth = stage4.calibrate_intervals(fit, reference, lengths, cfg, stage4_paths(), THREADS)
+        calib_pred = tape.predict_proportions(tape.checkpoint_dict(fit), calib[0], lengths, adaptive=False,
+                                              model=fit.model, n_threads=THREADS)
+        fit.halfwidth = tape.conformal_halfwidth(calib_pred, calib[1][calib_pred.columns])
     ckpt = tape.checkpoint_dict(fit)
     print(f"| {name}: {reference.shape[0]} cells, {len(fit.genes)} genes; {prefix}fit {times['fit']:.0f} s, "
           f"intervals {times['calibrate']:.0f} s | | | | | | |")
@@ -372,19 +468,13 @@ def real_part_rows(cfg, results, name, prefix, settings, reference, lengths, rea
                 continue  # neither depends on the augmentation
             point, bnds = candidates[method]
             method = prefix + method
-            if cohort == "Zheng pseudo-bulks":
-                shown, shown_bounds, t = point, bnds, truth[point.columns]
-            else:
-                (shown, shown_bounds), t = mapped_with_bounds(point, bnds), truth
-            table = proportion_metrics(shown, t.loc[shown.index])
-            o = table.loc["overall"]
-            per = [pearson_r(shown[c].to_numpy(), t.loc[shown.index, c].to_numpy()) for c in CATEGORIES] \
-                if cohort != "Zheng pseudo-bulks" else []
-            cov = tape.coverage(*shown_bounds, t) if shown_bounds is not None else float("nan")
-            print(f"| {name} | {cohort} | {method} | {o['mae']:.4f} | {o['pearson_r']:.3f} | "
-                  f"{', '.join(f'{r:.2f}' for r in per)} | {cov:.2f} |", flush=True)
-            results[f"real/{name}/{cohort}/{method}"] = {"mae": o["mae"], "r": o["pearson_r"], "coverage": cov}
+            score_row(cfg, results, name, cohort, method, point, bnds, truth)
             if cfg.FIG_DIR and method == "tape" and not prefix:
+                if cohort == "Zheng pseudo-bulks":
+                    shown, shown_bounds, t = point, bnds, truth[point.columns]
+                else:
+                    (shown, shown_bounds), t = mapped_with_bounds(point, bnds), truth
+                o = proportion_metrics(shown, t.loc[shown.index]).loc["overall"]
                 figure = Path(cfg.FIG_DIR) / f"proportions_scatter_{name}_{cohort.split()[0].lower()}.png"
                 figure.parent.mkdir(parents=True, exist_ok=True)
                 stage4.scatter_figure(shown, t.loc[shown.index, shown.columns], o["mae"], figure, shown_bounds)
@@ -428,6 +518,9 @@ def part_lung(cfg, results: dict, cache: dict) -> None:
                                        cfg.REFERENCE_PROTOCOL)
     del counts
     settings = settings_from(cfg, epochs=cfg.LUNG_EPOCHS or cfg.EPOCHS)
+    if cfg.LUNG_VARIANT:
+        settings = parse_variant(cfg, cfg.LUNG_VARIANT)
+        settings.adaptive = cfg.ADAPTIVE
     times = {}
     rss_before = peak_rss_mb()
     with timed("simulate", times):
@@ -438,8 +531,8 @@ def part_lung(cfg, results: dict, cache: dict) -> None:
         fit.halfwidth = stage4.calibrate_intervals(fit, reference, lengths, cfg, stage4_paths(), THREADS)
     ckpt = tape.checkpoint_dict(fit)
     with timed("predict", times):
-        pred = tape.predict_proportions(ckpt, bulk_tpm, lengths, adaptive=cfg.ADAPTIVE, model=fit.model, n_threads=THREADS,
-                                        workdir="/tmp/bench_tape")
+        pred = tape.predict_proportions(ckpt, bulk_tpm, lengths, adaptive=cfg.ADAPTIVE, model=fit.members,
+                                        n_threads=THREADS, workdir="/tmp/bench_tape")
     s = scores(pred, truth)
     print(f"\n## (c) lung scale, synthetic: reference {reference.shape[0]} cells x {reference.shape[1]} genes, "
           f"{cfg.LUNG_TYPES} types; {len(fit.genes)} genes used; settings {settings}")
@@ -448,6 +541,9 @@ def part_lung(cfg, results: dict, cache: dict) -> None:
           f"{times['intervals']:.0f} s, predict 5 bulks (adaptive={cfg.ADAPTIVE}) {times['predict']:.0f} s; "
           f"peak RSS {peak_rss_mb():.0f} MB (before this part {rss_before:.0f} MB); "
           f"synthetic pseudo-bulk MAE {s['mae']:.4f} (easy synthetic types, not a lung accuracy figure)")
+    total = sum(times[k] for k in ("simulate", "train", "intervals", "predict"))
+    print(f"stage 4's TAPE work in all: {total:.0f} s ({total / 60:.1f} min; reading the reference table not "
+          f"included), {len(fit.members)} member(s)")
     results["lung"] = {**times, "peak_rss_mb": peak_rss_mb(), **s}
 
 

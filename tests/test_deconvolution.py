@@ -372,6 +372,18 @@ def test_stage4_end_to_end_then_predict_from_checkpoint(data_dir, tmp_path):
                                atol=1e-6)
 
 
+def test_stage4_ensemble_of_marker_fits_reloads_the_same(data_dir, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    args = [f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path / 'fig'}", "--MEMBERS=2", "--GENE_SELECTION=markers",
+            "--MARKERS_PER_TYPE=20", *TINY_ARGS]
+    pred = stage4.main(args)
+    ckpt = torch.load(Paths(root).tape_checkpoint, weights_only=True)
+    assert len(ckpt["member_state_dicts"]) == 1 and ckpt["settings"]["gene_selection"] == "markers"
+    assert len(ckpt["genes"]) <= 3 * 20
+    np.testing.assert_allclose(stage4.main([*args, "--RETRAIN=false"]).to_numpy(), pred.to_numpy(), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- intervals
 def test_intervals_contain_the_point_estimate_and_stay_in_unit_range():
     rng = np.random.default_rng(0)
@@ -413,6 +425,92 @@ def test_intervals_cover_simulated_truth_at_the_nominal_level(fitted, inputs, tm
     assert tape.coverage(*tape.intervals(test_pred, halfwidth / 2), test_truth) < 0.8
 
 
+def test_marker_genes_are_each_types_most_specific_detected_genes():
+    rng = np.random.default_rng(0)
+    types = np.repeat(["a", "b", "c"], 40)
+    counts = rng.poisson(0.05, (120, 30)).astype(np.float32)  # mostly undetected background
+    counts[types == "a", 3] += 40  # a's strong marker
+    counts[types == "b", 7] += 20  # b's marker
+    counts[types == "c", 11] += 10  # c's marker...
+    counts[np.flatnonzero(types == "c")[:2], 20] += 2000  # ...and a huge gene seen in only 2 of its 40 cells
+    reference = pd.DataFrame(counts, index=types, columns=[f"g{i}" for i in range(30)])
+    assert tape.marker_genes(reference, 1) == ["g3", "g7", "g20"]  # pooled level alone prefers the rare gene
+    assert tape.marker_genes(reference, 1, min_detection=0.2) == ["g3", "g7", "g11"]  # detected in >= 20 %
+    two = tape.marker_genes(reference, 2, min_detection=0.2)
+    assert {"g3", "g7", "g11"} <= set(two) and len(two) <= 6
+    assert two == [g for g in reference.columns if g in two]  # the reference's gene order
+    with pytest.raises(ValueError):
+        tape.marker_genes(reference, 0)
+
+
+def test_marker_selection_restricts_tapes_genes(inputs, simulated, tmp_path):
+    reference, lengths, bulk, _ = inputs
+    settings = dataclasses.replace(TINY, gene_selection="markers", markers_per_type=20)
+    fit = tape.fit_tape(reference, bulk, lengths, settings, tmp_path, n_threads=1, simulated=simulated.copy())
+    markers = set(tape.marker_genes(reference, 20, settings.marker_min_detection))
+    assert 0 < len(fit.genes) <= len(markers) and set(fit.genes) <= markers
+    assert tape.checkpoint_dict(fit)["settings"]["gene_selection"] == "markers"
+    with pytest.raises(InputError, match="GENE_SELECTION"):
+        tape.fit_tape(reference, bulk, lengths, dataclasses.replace(TINY, gene_selection="best"), tmp_path,
+                      n_threads=1, simulated=simulated.copy())
+
+
+def test_ensemble_averages_members_and_reloads(fitted, inputs, simulated, tmp_path):
+    """Member 0 is the single fit; the prediction is the members' mean, also after a reload."""
+    single, _ = fitted
+    reference, lengths, bulk, _ = inputs
+    fit = tape.fit_tape(reference, bulk, lengths, dataclasses.replace(TINY, members=3), tmp_path, n_threads=1,
+                        simulated=simulated.copy())
+    assert len(fit.members) == 3 and fit.model is fit.members[0]
+    ckpt = tape.checkpoint_dict(fit)
+    members = tape.predict_members(ckpt, bulk, lengths, adaptive=False, model=fit.members)
+    np.testing.assert_allclose(members[0].to_numpy(), tape.predict_proportions(
+        tape.checkpoint_dict(single), bulk, lengths, adaptive=False, model=single.model).to_numpy(), atol=1e-7)
+    assert not np.allclose(members[0].to_numpy(), members[1].to_numpy())  # other seeds, other fits
+    mean = tape.predict_proportions(ckpt, bulk, lengths, adaptive=False, model=fit.members)
+    np.testing.assert_allclose(mean.to_numpy(), sum(m.to_numpy() for m in members) / 3, atol=1e-12)
+    np.testing.assert_allclose(mean.sum(axis=1), 1.0, atol=1e-6)
+    tape.save_checkpoint(fit, tmp_path / "ensemble.pt")
+    reloaded = tape.load_checkpoint(tmp_path / "ensemble.pt")
+    assert len(reloaded["member_state_dicts"]) == 2
+    np.testing.assert_allclose(tape.predict_proportions(reloaded, bulk, lengths).to_numpy(), mean.to_numpy(),
+                               atol=1e-7)
+    assert "member_state_dicts" not in tape.checkpoint_dict(single)
+
+
+def test_bootstrap_members_train_on_resampled_reference_cells(fitted, inputs, simulated, tmp_path):
+    single, _ = fitted
+    reference, lengths, bulk, _ = inputs
+    resampled = tape.bootstrap_reference(reference, 5)
+    assert resampled.index.value_counts().sort_index().equals(reference.index.value_counts().sort_index())
+    assert not resampled.equals(reference)
+    settings = dataclasses.replace(TINY, members=2, member_data="bootstrap")
+    fit = tape.fit_tape(reference, bulk, lengths, settings, tmp_path, n_threads=1, simulated=simulated.copy())
+    first, second = tape.predict_members(tape.checkpoint_dict(fit), bulk, lengths, model=fit.members)
+    np.testing.assert_allclose(first.to_numpy(), tape.predict_proportions(
+        tape.checkpoint_dict(single), bulk, lengths, model=single.model).to_numpy(), atol=1e-7)
+    assert not np.allclose(first.to_numpy(), second.to_numpy())
+
+
+def test_spread_scaled_intervals_contain_the_point_and_widen_with_the_spread():
+    rng = np.random.default_rng(1)
+    members = [pd.DataFrame(rng.dirichlet(np.ones(3), 50), columns=list("abc")) for _ in range(4)]
+    scale = tape.ensemble_scale(members, floor=0.01)
+    stacked = np.stack([m.to_numpy() for m in members])
+    np.testing.assert_allclose(scale.to_numpy(), stacked.std(axis=0, ddof=1) + 0.01)
+    mean = sum(members[1:], members[0]) / 4
+    truth = members[0]
+    multiplier = tape.conformal_halfwidth(mean, truth, scale=scale)
+    # the normalised scores' conformal quantile, a multiplier of the spread
+    errors = (mean - truth).abs() / scale
+    assert multiplier["a"] == pytest.approx(np.sort(errors["a"])[45])  # the ceil(51 * 0.9) = 46th smallest
+    lower, upper = tape.intervals(mean, multiplier, scale)
+    assert (lower.to_numpy() <= mean.to_numpy()).all() and (mean.to_numpy() <= upper.to_numpy()).all()
+    width = (upper - lower).to_numpy()
+    inner = (lower.to_numpy() > 0) & (upper.to_numpy() < 1)
+    np.testing.assert_allclose(width[inner], (2 * multiplier.to_numpy()[None, :] * scale.to_numpy())[inner])
+
+
 def test_stage2_pseudobulk_tpm_follows_the_protocol(data_dir, tmp_path):
     import json
 
@@ -448,3 +546,7 @@ def test_stage4_missing_inputs_name_the_stage(tiny_split_dir, tmp_path):
     with pytest.raises(InputError, match="tape.pt"):
         write_sctape_inputs(root)
         stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path}", "--RETRAIN=false", *TINY_ARGS])
+    with pytest.raises(InputError, match="GENE_SELECTION"):
+        stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path}", "--GENE_SELECTION=best", *TINY_ARGS])
+    with pytest.raises(InputError, match="MEMBERS"):
+        stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path}", "--MEMBERS=0", *TINY_ARGS])

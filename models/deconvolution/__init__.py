@@ -45,12 +45,13 @@ TAPE's sharp edges, each walled off here:
 from models.bulk import PROTOCOLS  # noqa: F401  (callers read tape.PROTOCOLS)
 from models.deconvolution.units import (  # noqa: F401
     BULK_PROTOCOLS, LENGTH_SLOPE_CUTOFF, MODEL_SCALE, UNITS, BulkReport, align_genes, check_bulk_values,
-    decide_protocol, model_scale, orient_bulk, prepare_bulk, read_table, reference_profile, scale_samples,
+    decide_protocol, marker_genes, model_scale, orient_bulk, prepare_bulk, read_table, reference_profile, scale_samples,
     select_genes)
 from models.deconvolution.tape import (  # noqa: F401
-    ADAPTIVE_MAX_ITER, ADAPTIVE_STEP, TAPE_VERSION, TapeFit, TapeSettings, calibration_bulks, checkpoint_dict,
+    ADAPTIVE_MAX_ITER, ADAPTIVE_STEP, GENE_SELECTIONS, MEMBER_DATA, TAPE_VERSION, TapeFit, TapeSettings, bootstrap_reference, calibration_bulks, checkpoint_dict,
     checkpoint_halfwidth, checkpoint_profile,
-    checkpoint_protocol, fit_tape, import_tape, load_checkpoint, model_from_checkpoint, predict_proportions,
+    checkpoint_protocol, fit_tape, import_tape, load_checkpoint, model_from_checkpoint, models_from_checkpoint,
+    predict_members, predict_proportions,
     predict_scaled, save_checkpoint, simulate_bulks, simulated_tpm, tape_sandbox)
 from models.deconvolution.signature import nnls_proportions  # noqa: F401
-from models.deconvolution.intervals import LEVEL, conformal_halfwidth, coverage, intervals  # noqa: F401
+from models.deconvolution.intervals import LEVEL, conformal_halfwidth, coverage, ensemble_scale, intervals  # noqa: F401

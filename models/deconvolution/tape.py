@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from models.bulk import PROTOCOLS, counts_to_expression
-from models.deconvolution.units import MODEL_SCALE, align_genes, model_scale, reference_profile, scale_samples, select_genes
+from models.deconvolution.units import (MODEL_SCALE, align_genes, marker_genes, model_scale, reference_profile,
+                                        scale_samples, select_genes)
 from models.utils import InputError, bound_heap_fragmentation, set_torch_threads
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ TAPE_VERSION = "1.1.2"
 # TAPE's predict() runs adaptive_stage(step=300, max_iter=3) in mode="overall"; kept verbatim.
 ADAPTIVE_STEP = 300
 ADAPTIVE_MAX_ITER = 3
+GENE_SELECTIONS = ("all", "markers")  # TapeSettings.gene_selection
+MEMBER_DATA = ("shared", "bootstrap")  # TapeSettings.member_data
 
 # ============================================================================= TAPE import
 def import_tape():
@@ -106,13 +109,19 @@ class TapeSettings:
     reference_protocol: str = "umi"  # "umi": simulated counts -> CPM; "full_length": -> TPM (TAPE's)
     platform_sd: float = 0.0  # augmentation: sd of per-(sample, gene) log-normal multipliers on the training bulks
     length_slope_sd: float = 0.0  # augmentation: sd of a per-sample slope of log expression on log gene length
+    gene_selection: str = "all"  # "all": TAPE's variance filter only; "markers": also only units.marker_genes
+    markers_per_type: int = 200  # with "markers": each type's most specific genes
+    marker_min_detection: float = 0.1  # with "markers": detected in at least this share of the type's cells
+    members: int = 1  # ensemble: TAPE fits with seeds seed .. seed + members - 1, averaged
+    member_data: str = "shared"  # "shared": every member trains on the same simulated bulks; "bootstrap": member
+    #                              m > 0 on bulks simulated (seed + m) from a per-type bootstrap of the reference cells
 
 
 @dataclass
 class TapeFit:
     """A trained TAPE model with what prediction needs; ``checkpoint_dict()`` saves it."""
 
-    model: object  # TAPE.model.AutoEncoder
+    model: object  # TAPE.model.AutoEncoder (the first member)
     genes: list[str]
     cell_types: list[str]  # TAPE's output order (sorted reference names)
     settings: TapeSettings
@@ -122,6 +131,11 @@ class TapeFit:
     halfwidth: pd.Series | None = None  # per-type half-width of the 90 % intervals (intervals.conformal_halfwidth)
     gene_ids: list[str] | None = None  # ids of `genes` (e.g. Ensembl) when the reference had them
     extra: dict = field(default_factory=dict)
+    members: list = field(default_factory=list)  # every member's AutoEncoder, ``model`` first
+
+    def __post_init__(self):
+        if not self.members:
+            self.members = [self.model]
 
 
 def simulate_bulks(reference: pd.DataFrame, settings: TapeSettings, workdir: str | Path,
@@ -187,6 +201,24 @@ def augment_platform(train_tpm: pd.DataFrame, gene_lengths: pd.Series | None, pl
     return pd.DataFrame(values, index=train_tpm.index, columns=train_tpm.columns)
 
 
+def bootstrap_reference(reference: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The reference's cells resampled with replacement within each type (type sizes kept)."""
+    rng = np.random.default_rng([seed, 3])
+    codes, _ = pd.factorize(reference.index)
+    rows = np.concatenate([rng.choice(np.flatnonzero(codes == k), (codes == k).sum()) for k in range(codes.max() + 1)])
+    return reference.iloc[np.sort(rows)]
+
+
+def _training_tpm(simulated, gene_lengths: pd.Series, settings: TapeSettings, seed: int) -> pd.DataFrame:
+    """TAPE's simulated counts -> TPM (augmented if asked) at the model's scale (:func:`model_scale`)."""
+    train_tpm = simulated_tpm(simulated, gene_lengths, settings.reference_protocol)
+    if settings.platform_sd > 0 or settings.length_slope_sd > 0:
+        train_tpm = augment_platform(train_tpm, gene_lengths, settings.platform_sd, settings.length_slope_sd, seed)
+        log.info("augmented the training bulks: per-gene log-normal sd %.2f, gene-length slope sd %.2f",
+                 settings.platform_sd, settings.length_slope_sd)
+    return model_scale(train_tpm, gene_lengths)
+
+
 def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series,
              settings: TapeSettings, workdir: str | Path, n_threads: int | None = None,
              simulated=None) -> TapeFit:
@@ -204,14 +236,19 @@ def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
     simulate_seconds = time.perf_counter() - start
     if settings.reference_protocol not in PROTOCOLS:
         raise InputError(f"the reference protocol must be one of {PROTOCOLS}, got {settings.reference_protocol!r}")
-    train_tpm = simulated_tpm(simulated, gene_lengths, settings.reference_protocol)
-    if settings.platform_sd > 0 or settings.length_slope_sd > 0:
-        train_tpm = augment_platform(train_tpm, gene_lengths, settings.platform_sd, settings.length_slope_sd,
-                                     settings.seed)
-        log.info("augmented the training bulks: per-gene log-normal sd %.2f, gene-length slope sd %.2f",
-                 settings.platform_sd, settings.length_slope_sd)
-    train_tpm = model_scale(train_tpm, gene_lengths)
+    if settings.member_data not in MEMBER_DATA:
+        raise InputError(f"member_data must be one of {MEMBER_DATA}, got {settings.member_data!r}")
+    train_tpm = _training_tpm(simulated, gene_lengths, settings, settings.seed)
     genes = select_genes(train_tpm, model_scale(bulk_tpm, gene_lengths), settings.variance_threshold)
+    if settings.gene_selection == "markers":
+        markers = set(marker_genes(reference, settings.markers_per_type, settings.marker_min_detection,
+                                   settings.reference_protocol, gene_lengths))
+        log.info("gene selection: %d of %d genes are among the %d markers (%d per type, detected in >= %.0f %% "
+                 "of the type's cells)", sum(g in markers for g in genes), len(genes), len(markers),
+                 settings.markers_per_type, 100 * settings.marker_min_detection)
+        genes = [g for g in genes if g in markers]
+    elif settings.gene_selection not in GENE_SELECTIONS:
+        raise InputError(f"GENE_SELECTION must be one of {GENE_SELECTIONS}, got {settings.gene_selection!r}")
     if not genes:
         raise InputError("no gene survives TAPE's variance filter and the intersection with the bulk")
     train_x = scale_samples(train_tpm, genes)
@@ -221,15 +258,26 @@ def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
     log.info("training TAPE on %d simulated samples x %d genes, %d cell types, %d epochs, batch %d",
              train_x.shape[0], train_x.shape[1], len(cell_types), settings.epochs, settings.batch_size)
     start = time.perf_counter()
-    with tape_sandbox(workdir, n_threads):
-        tape.train.reproducibility(settings.seed)
-        model = tape.train.train_model(train_x, train_y, batch_size=settings.batch_size,
-                                       epochs=settings.epochs)
+    members = []
+    for member in range(max(1, settings.members)):
+        x, y = train_x, train_y
+        if member > 0 and settings.member_data == "bootstrap":
+            seed = settings.seed + member
+            resampled = bootstrap_reference(reference, seed)
+            boot = simulate_bulks(resampled, TapeSettings(**{**asdict(settings), "seed": seed}), workdir, n_threads)
+            del resampled
+            x = scale_samples(_training_tpm(boot, gene_lengths, settings, seed), genes)
+            y = boot.obs[cell_types].to_numpy(dtype=np.float64)
+            del boot
+        with tape_sandbox(workdir, n_threads):
+            tape.train.reproducibility(settings.seed + member)  # member 0 is the single fit
+            members.append(tape.train.train_model(x, y, batch_size=settings.batch_size, epochs=settings.epochs))
     train_seconds = time.perf_counter() - start
-    log.info("TAPE simulation %.1f s, training %.1f s", simulate_seconds, train_seconds)
+    log.info("TAPE simulation %.1f s, training %.1f s (%d member%s)", simulate_seconds, train_seconds,
+             len(members), "" if len(members) == 1 else "s")
     profile = reference_profile(reference, settings.reference_protocol, gene_lengths)
-    return TapeFit(model, genes, cell_types, settings, train_seconds, simulate_seconds,
-                   profile=profile.reindex(genes, fill_value=0.0))
+    return TapeFit(members[0], genes, cell_types, settings, train_seconds, simulate_seconds,
+                   profile=profile.reindex(genes, fill_value=0.0), members=members)
 
 
 # ============================================================================= checkpoint
@@ -239,6 +287,10 @@ def checkpoint_dict(fit: TapeFit) -> dict:
 
     return {
         "state_dict": {k: v.detach().cpu() for k, v in fit.model.state_dict().items()},
+        # Further ensemble members (absent for a single fit and in checkpoints from before ensembles).
+        **({} if len(fit.members) < 2 else
+           {"member_state_dicts": [{k: v.detach().cpu() for k, v in m.state_dict().items()}
+                                   for m in fit.members[1:]]}),
         "input_dim": int(fit.model.inputdim),
         "output_dim": int(fit.model.outputdim),
         "genes": list(fit.genes),
@@ -302,15 +354,20 @@ def checkpoint_protocol(ckpt: dict) -> str:
     return str(ckpt.get("settings", {}).get("reference_protocol", "full_length"))
 
 
-def model_from_checkpoint(ckpt: dict):
-    """TAPE's AutoEncoder with the saved weights, in eval/test state."""
+def model_from_checkpoint(ckpt: dict, member: int = 0):
+    """TAPE's AutoEncoder with the saved weights of ensemble ``member``, in eval/test state."""
     tape = import_tape()
     model = tape.model.AutoEncoder(ckpt["input_dim"], ckpt["output_dim"])
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(ckpt["state_dict"] if member == 0 else ckpt["member_state_dicts"][member - 1])
     model.to(tape.model.device)
     model.eval()
     model.state = "test"
     return model
+
+
+def models_from_checkpoint(ckpt: dict) -> list:
+    """Every ensemble member's AutoEncoder (one for a single fit)."""
+    return [model_from_checkpoint(ckpt, m) for m in range(1 + len(ckpt.get("member_state_dicts", [])))]
 
 
 # ============================================================================= prediction
@@ -359,24 +416,34 @@ def predict_scaled(model, x: np.ndarray, adaptive: bool, n_threads: int | None =
     return np.asarray(pred, np.float64), np.asarray(signature)
 
 
-def predict_proportions(ckpt: dict, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series, adaptive: bool | None = None,
-                        min_shared_genes: int = 1, source: str = "bulk", n_threads: int | None = None,
-                        workdir: str | Path | None = None, model=None) -> pd.DataFrame:
-    """Cell-type proportions (samples x TAPE's cell types, rows sum to 1) of a bulk.
+def predict_members(ckpt: dict, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series, adaptive: bool | None = None,
+                    min_shared_genes: int = 1, source: str = "bulk", n_threads: int | None = None,
+                    workdir: str | Path | None = None, model=None) -> list[pd.DataFrame]:
+    """Each ensemble member's proportions (samples x TAPE's cell types, rows sum to 1) of a bulk.
 
     bulk_tpm: samples x genes in transcripts per million (:func:`prepare_bulk`), brought to the
     model's scale with ``gene_lengths`` (:func:`model_scale`). ckpt: :func:`checkpoint_dict` /
     :func:`load_checkpoint`. ``adaptive`` defaults to the setting the model was trained with.
-    ``model`` reuses an already built AutoEncoder.
+    ``model`` reuses already built AutoEncoders (one, or a list of the members).
     """
     if adaptive is None:
         adaptive = bool(ckpt.get("settings", {}).get("adaptive", False))
     genes = list(ckpt["genes"])
     aligned = align_genes(model_scale(bulk_tpm, gene_lengths), genes, min(min_shared_genes, len(genes)), source)
     x = scale_samples(aligned, genes)
-    model = model if model is not None else model_from_checkpoint(ckpt)
-    pred, _ = predict_scaled(model, x, adaptive, n_threads, workdir)
-    pred = _renormalise(pred, source)
-    return pd.DataFrame(pred, index=bulk_tpm.index, columns=list(ckpt["cell_types"]))
+    models = models_from_checkpoint(ckpt) if model is None else (model if isinstance(model, list) else [model])
+    frames = []
+    for member in models:
+        pred, _ = predict_scaled(member, x, adaptive, n_threads, workdir)
+        frames.append(pd.DataFrame(_renormalise(pred, source), index=bulk_tpm.index, columns=list(ckpt["cell_types"])))
+    return frames
 
 
+def predict_proportions(ckpt: dict, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series, adaptive: bool | None = None,
+                        min_shared_genes: int = 1, source: str = "bulk", n_threads: int | None = None,
+                        workdir: str | Path | None = None, model=None) -> pd.DataFrame:
+    """Cell-type proportions (samples x TAPE's cell types, rows sum to 1) of a bulk: the mean over the
+    ensemble's members (:func:`predict_members`, same arguments)."""
+    frames = predict_members(ckpt, bulk_tpm, gene_lengths, adaptive, min_shared_genes, source, n_threads,
+                             workdir, model)
+    return sum(frames[1:], frames[0]) / len(frames)

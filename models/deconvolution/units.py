@@ -257,6 +257,33 @@ def model_scale(tpm: pd.DataFrame, gene_lengths: pd.Series) -> pd.DataFrame:
     return scaled
 
 
+def marker_genes(reference: pd.DataFrame, per_type: int, min_detection: float = 0.0, protocol: str = "umi",
+                 gene_lengths: pd.Series | None = None) -> list[str]:
+    """The union of each cell type's ``per_type`` most specific genes, from the reference alone.
+
+    reference: cells x genes counts, index = cell-type name. A gene's specificity for type k is
+    log2(1 + its pooled expression in k) - max over the other types of the same (the type's mean
+    counts in CPM for "umi", TPM for "full_length"), so a marker stands out against the *nearest*
+    type, not the average. Only genes detected (count > 0) in at least ``min_detection`` of the
+    type's cells compete: well-detected genes are the ones whose bulk level is least distorted
+    between platforms. Returns gene names in the reference's column order.
+    """
+    if per_type < 1:
+        raise ValueError(f"per_type must be at least 1, got {per_type}")
+    groups = reference.groupby(level=0, sort=True)
+    expression, _ = counts_to_expression(groups.mean(), gene_lengths, protocol)
+    level = np.log2(1.0 + expression.to_numpy(np.float64))  # types x genes
+    detected = (reference > 0).groupby(level=0, sort=True).mean().reindex(columns=expression.columns).to_numpy()
+    chosen = set()
+    for k in range(level.shape[0]):
+        others = np.delete(level, k, axis=0)
+        score = level[k] - (others.max(axis=0) if len(others) else 0.0)
+        score[detected[k] < min_detection] = -np.inf
+        ranked = np.argsort(-score, kind="stable")[:per_type]
+        chosen.update(expression.columns[ranked[np.isfinite(score[ranked])]])
+    return [g for g in expression.columns if g in chosen]
+
+
 def select_genes(train_tpm: pd.DataFrame, bulk_tpm: pd.DataFrame, variance_threshold: float) -> list[str]:
     """TAPE's ``ProcessInputData`` gene rule: drop the lowest-variance genes of each table, intersect.
 
