@@ -529,7 +529,6 @@ def small_dir(pipeline, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow
 def test_kill_during_checkpoint_write(small_dir, tmp_path):
     root = copy_of(small_dir, tmp_path)
     paths = Paths(root)
@@ -560,7 +559,6 @@ def mtx_header(path: Path) -> list[int]:
         return [int(v) for v in next(line for line in handle if not line.startswith("%")).split()]
 
 
-@pytest.mark.slow
 def test_kill_during_generation_and_concurrent_runs(small_dir, tmp_path):
     """Stage 5 killed while it writes 100,000 cells leaves the previous generated/ as it was; a
     rerun succeeds; two runs in two DATA_DIRs at once give each run's files alone."""
@@ -639,7 +637,6 @@ def comparable(root: Path) -> dict[str, object]:
     return out
 
 
-@pytest.mark.slow
 def test_same_seed_same_outputs(pipeline, tmp_path):
     """All six stages again in another DATA_DIR: byte-identical files (stage 3: equal tensors)."""
     again = run_chain(tmp_path / "again")
