@@ -116,7 +116,8 @@ def bulk_profiles(bulk: pd.DataFrame, genes, min_shared_genes: int, source: str)
     totals = values.sum(axis=1, keepdims=True)
     if (totals <= 0).any():
         bad = [str(s) for s in np.asarray(bulk.index)[totals[:, 0] <= 0][:3]]
-        raise InputError(f"{source}: samples {bad} have no expression on the GMVAE's genes")
+        raise InputError(f"{source}: samples {bad} have no expression on the GMVAE's genes (all zero); "
+                         "drop them from the table, or pass --CONDITION=none")
     return values / totals, shared
 
 

@@ -163,6 +163,13 @@ def test_too_few_shared_genes_is_an_error_naming_the_file():
         condition.bulk_profiles(bulk, [f"g{i}" for i in range(N_GENES)], 50, "my_bulk.tsv")
 
 
+def test_all_zero_bulk_sample_is_an_error_naming_it():
+    genes = [f"g{i}" for i in range(20)]
+    bulk = pd.DataFrame([np.arange(1, 21), np.zeros(20)], index=["fine", "empty"], columns=genes)
+    with pytest.raises(InputError, match=r"bulk.csv: samples \['empty'\] have no expression.*drop them"):
+        condition.bulk_profiles(bulk, genes, 10, "bulk.csv")
+
+
 def test_choose_mode():
     umi = {"protocol": "umi", "reference_protocol": "umi"}
     reads = {"protocol": "full_length", "reference_protocol": "umi"}
