@@ -35,22 +35,19 @@ import scipy.io
 import scipy.sparse as sp
 
 from conftest import gene_length_table
+from test_scripts import TINY_ARGS
 from models import io
 from models.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 
-# Tiny settings per stage (as test_scripts.TINY_ARGS, but stage 5 skips scoring and figures:
-# the reliability suite checks files and messages, not the metrics).
+# Tiny settings per stage: test_scripts.TINY_ARGS, but two pseudo-bulks, a small calibration set,
+# and stage 5 skips scoring and figures (the reliability suite checks files and messages, not metrics).
 STAGE_ARGS = {
-    "_0_download_data.py": [],
-    "_1_split_train_test.py": ["--MIN_GENES=10", "--MAX_COUNTS=100000", "--MAX_GENES=100000", "--N_PCS=10",
-                               "--N_TOP_GENES=100", "--UMAP_FIGURE=false"],
+    **TINY_ARGS,
     "_2_prepare_sctape.py": ["--N_PSEUDOBULK=2"],
-    "_3_train_gmvae.py": ["--EPOCHS=2", "--BATCH_SIZE=64", "--CLS_WARMUP_EPOCHS=1", "--DEVICE=cpu"],
-    "_4_deconvolve_bulk.py": ["--SAMPLENUM=60", "--N_CELLS=20", "--EPOCHS=2", "--ADAPTIVE=false",
-                              "--MIN_SHARED_GENES=50", "--CALIBRATION_SAMPLES=40"],
+    "_4_deconvolve_bulk.py": [*TINY_ARGS["_4_deconvolve_bulk.py"], "--CALIBRATION_SAMPLES=40"],
     "_5_generate_sc.py": ["--EVALUATE=false", "--FIGURES=false", "--CONDITION_MIN_GENES=50"],
 }
 STAGES = list(STAGE_ARGS)
