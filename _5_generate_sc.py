@@ -167,8 +167,12 @@ def read_bulk(path: Path, genes: list[str], gene_ids: list[str] | None = None) -
     return check_bulk_values(orient_bulk(read_table(path), genes, str(path), gene_ids)[0], str(path))
 
 
-def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prior: str, calibrate: bool) -> dict:
-    """Sample -> models.condition.SampleCondition fitted to its bulk, or {} (no bulk, or CONDITION=none)."""
+def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prior: str, calibrate: bool,
+                     gene_ids: list[str] | None = None) -> dict:
+    """Sample -> models.condition.SampleCondition fitted to its bulk, or {} (no bulk, or CONDITION=none).
+
+    ``gene_ids``: the genes' ids (train/genes.tsv), so a bulk named by id matches too.
+    """
     record = json.loads(paths.bulk_record.read_text()) if paths.bulk_record.exists() else None
     bulk_path = resolve(cfg.BULK) if cfg.BULK else None
     if bulk_path is None and record is not None and not cfg.CELL_COUNTS:
@@ -184,7 +188,6 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
         return {}
     log.info("conditioning on the bulk %s: %s mode, because %s", bulk_path, mode, why)
     bulk_samples = counts.attrs.get("bulk_sample", list(counts.index))  # COUNTS_FROM=draw: replicates share a bulk
-    gene_ids = known_gene_ids(paths.train_dir, genes)
     bulk = condition.align_samples(read_bulk(bulk_path, genes, gene_ids), bulk_samples, str(bulk_path))
     bulk = bulk.set_axis([str(s) for s in counts.index], axis=0)
     baseline = None
@@ -352,7 +355,8 @@ def generate_all(cfg, ctx) -> dict:
         log.warning("%s has no gene-mean calibration (written before it existed); generating uncalibrated. "
                     "Rerun _3_train_gmvae.py to get it", paths.gmvae_checkpoint)
     sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE, method=cfg.SAMPLER, prior=prior, calibrate=calibrate)
-    conditions = fit_conditioning(cfg, paths, model, genes, counts, prior, calibrate)
+    gene_ids = known_gene_ids(paths.train_dir, genes)  # genes.tsv's id column, where _1_ had ids
+    conditions = fit_conditioning(cfg, paths, model, genes, counts, prior, calibrate, gene_ids)
     samplers = {}
     for sample in counts.index:  # a conditioned sample draws through its own shifts
         fit = conditions.get(str(sample))
@@ -360,8 +364,6 @@ def generate_all(cfg, ctx) -> dict:
             model, cfg.NOISE_SCALE, method=cfg.SAMPLER, prior=prior, calibrate=calibrate, z_shift=fit.z_shift,
             log_mean_shift=fit.log_mean_shift)
     condition_summary = {}
-
-    gene_ids = known_gene_ids(paths.train_dir, genes)  # genes.tsv's id column, where _1_ had ids
 
     def folder_of(sample):
         return paths.generated_dir / safe_name(sample) if several else paths.generated_dir
