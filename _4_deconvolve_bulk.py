@@ -75,6 +75,9 @@ MARKERS_PER_TYPE = 200  # with GENE_SELECTION="markers"
 MARKER_MIN_DETECTION = 0.1  # with "markers": a marker is detected in at least this share of its type's cells
 MEMBERS = 1  # TAPE fits averaged (an ensemble on the same simulated bulks, seeds SEED .. SEED+MEMBERS-1); each costs
 #              one training run (3.9 min at lung scale with every gene)
+CELL_CONTENT = ""  # "": TAPE's proportions as they are (cell fractions if a type's mRNA per cell is its mean library in
+#                   the reference); a CSV cell_type,content of relative mRNA per cell (e.g. EPIC's for blood cells)
+#                   converts them to cell fractions under that content (models/deconvolution/content.py; README)
 CALIBRATION_SAMPLES = 400  # simulated bulks with known truth that set the 90 % intervals (split conformal): the
 #                            coverage's sampling sd is ~1.5 % at 400; they cost one forward pass, seconds
 # -----------------------------------------------------------------------------
@@ -196,6 +199,7 @@ def main(argv=None) -> pd.DataFrame:
         require_files([bulk_path], "_2_prepare_sctape.py")
     type_names = io.read_type_order(paths.train_dir / CLUSTERS)
     gene_lengths = io.read_gene_lengths(paths.gene_length)
+    content = tape.read_cell_content(resolve(cfg.CELL_CONTENT), type_names) if cfg.CELL_CONTENT else None
 
     if cfg.RETRAIN:
         require_files([paths.sctape_reference, paths.sctape_config], "_2_prepare_sctape.py")
@@ -211,6 +215,9 @@ def main(argv=None) -> pd.DataFrame:
         reference_genes, protocol = ckpt["genes"], tape.checkpoint_protocol(ckpt)
         reference_ids = ckpt.get("gene_ids")
         profile = tape.checkpoint_profile(ckpt)
+        if content is not None and tape.checkpoint_library(ckpt) is None:
+            raise InputError(f"{paths.tape_checkpoint} has no reference library sizes (trained before CELL_CONTENT "
+                             "existed), which the content conversion needs; retrain with --RETRAIN=true")
         log.info("loaded %s (%d genes, %d cell types, %s reference)", paths.tape_checkpoint, len(ckpt["genes"]),
                  len(ckpt["cell_types"]), protocol)
 
@@ -246,8 +253,6 @@ def main(argv=None) -> pd.DataFrame:
                                     workdir=paths.deconvolution_dir, model=model)
     pred = order_like(pred, type_names, str(paths.tape_checkpoint))
     pred.index.name = "sample"
-    io.write_table(pred, paths.proportions)
-    log.info("wrote %s (%d samples x %d cell types)", paths.proportions, *pred.shape)
     halfwidth = tape.checkpoint_halfwidth(ckpt)
     bounds = None
     if halfwidth is None:
@@ -255,6 +260,15 @@ def main(argv=None) -> pd.DataFrame:
                     "retrain with --RETRAIN=true to get them", paths.tape_checkpoint)
     else:
         bounds = tape.intervals(pred, halfwidth)
+    if content is not None:
+        weights = tape.content_weights(tape.checkpoint_library(ckpt), content, type_names)
+        pred, bounds = tape.to_cell_content(pred, weights, bounds)
+        log.info("%s: proportions converted to cell fractions under the given mRNA per cell (x reference "
+                 "library / content, renormalised): %s", cfg.CELL_CONTENT,
+                 ", ".join(f"{t} x{w / weights.mean():.2f}" for t, w in zip(type_names, weights)))
+    io.write_table(pred, paths.proportions)
+    log.info("wrote %s (%d samples x %d cell types)", paths.proportions, *pred.shape)
+    if bounds is not None:
         for bound, path in zip(bounds, (paths.proportions_lower, paths.proportions_upper)):
             bound.index.name = "sample"
             io.write_table(bound, path)

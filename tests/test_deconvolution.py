@@ -384,6 +384,48 @@ def test_stage4_ensemble_of_marker_fits_reloads_the_same(data_dir, tmp_path):
     np.testing.assert_allclose(stage4.main([*args, "--RETRAIN=false"]).to_numpy(), pred.to_numpy(), atol=1e-6)
 
 
+def test_stage4_cell_content_converts_proportions_and_intervals(data_dir, tmp_path):
+    """CELL_CONTENT: the checkpoint keeps the reference's mean counts per cell; stage 4 writes TAPE's proportions
+    (and bounds) times library / content, renormalised; a bad table stops it before anything is written."""
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    paths = Paths(root, tmp_path / "fig")
+    content = tmp_path / "content.csv"
+    pd.DataFrame({"cell_type": ["alpha", "beta", "gamma"], "content": [1.0, 1.0, 4.0]}).to_csv(content, index=False)
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"cell_type": ["alpha", "beta"], "content": [1.0, 1.0]}).to_csv(bad, index=False)
+    base = [f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path / 'fig'}", *TINY_ARGS]
+    with pytest.raises(InputError, match=r"bad.csv: no content for cell types \['gamma'\]"):
+        stage4.main([*base, f"--CELL_CONTENT={bad}"])
+    assert not paths.tape_checkpoint.exists() and not paths.proportions.exists()
+
+    plain = stage4.main(base)
+    plain_upper = pd.read_csv(paths.proportions_upper, index_col=0)
+    ckpt = torch.load(paths.tape_checkpoint, weights_only=True)
+    library = tape.reference_library(stage4.read_reference(paths.sctape_reference))
+    np.testing.assert_allclose(ckpt["library"].numpy(), library.loc[ckpt["cell_types"]].to_numpy())
+
+    converted = stage4.main([*base, "--RETRAIN=false", f"--CELL_CONTENT={content}"])
+    weights = library.loc[["alpha", "beta", "gamma"]].to_numpy() / np.array([1.0, 1.0, 4.0])
+    expected = plain * weights
+    expected = expected.div(expected.sum(axis=1), axis=0)
+    np.testing.assert_allclose(converted.to_numpy(), expected.to_numpy(), atol=1e-9)
+    assert (converted["gamma"] < plain["gamma"]).all()  # 4x the mRNA per cell: fewer gamma cells
+    written = pd.read_csv(paths.proportions, index_col=0)
+    np.testing.assert_allclose(written.to_numpy(), converted.to_numpy(), atol=1e-9)
+    upper = pd.read_csv(paths.proportions_upper, index_col=0)
+    lower = pd.read_csv(paths.proportions_lower, index_col=0)
+    assert (lower.to_numpy() <= written.to_numpy() + 1e-9).all() and (written.to_numpy() <= upper.to_numpy() + 1e-9).all()
+    np.testing.assert_allclose(upper.to_numpy(), (plain_upper * weights).div((plain * weights).sum(axis=1), axis=0)
+                               .clip(0, 1).to_numpy(), atol=1e-9)
+
+    # a checkpoint from before CELL_CONTENT has no library: the conversion cannot run, and says so
+    del ckpt["library"]
+    torch.save(ckpt, paths.tape_checkpoint)
+    with pytest.raises(InputError, match="no reference library sizes.*--RETRAIN=true"):
+        stage4.main([*base, "--RETRAIN=false", f"--CELL_CONTENT={content}"])
+
+
 # ----------------------------------------------------------------------------- intervals
 def test_intervals_contain_the_point_estimate_and_stay_in_unit_range():
     rng = np.random.default_rng(0)

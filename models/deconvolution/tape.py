@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from models.bulk import PROTOCOLS, counts_to_expression
+from models.deconvolution.content import reference_library
 from models.deconvolution.units import (MODEL_SCALE, align_genes, marker_genes, model_scale, reference_profile,
                                         scale_samples, select_genes)
 from models.utils import InputError, bound_heap_fragmentation, set_torch_threads
@@ -132,6 +133,7 @@ class TapeFit:
     gene_ids: list[str] | None = None  # ids of `genes` (e.g. Ensembl) when the reference had them
     extra: dict = field(default_factory=dict)
     members: list = field(default_factory=list)  # every member's AutoEncoder, ``model`` first
+    library: pd.Series | None = None  # each type's mean counts per cell in the reference (content.reference_library)
 
     def __post_init__(self):
         if not self.members:
@@ -277,7 +279,8 @@ def fit_tape(reference: pd.DataFrame, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
              len(members), "" if len(members) == 1 else "s")
     profile = reference_profile(reference, settings.reference_protocol, gene_lengths)
     return TapeFit(members[0], genes, cell_types, settings, train_seconds, simulate_seconds,
-                   profile=profile.reindex(genes, fill_value=0.0), members=members)
+                   profile=profile.reindex(genes, fill_value=0.0), members=members,
+                   library=reference_library(reference).reindex(cell_types))
 
 
 # ============================================================================= checkpoint
@@ -308,6 +311,10 @@ def checkpoint_dict(fit: TapeFit) -> dict:
         # The genes' ids (a list of strings, so weights_only loading still works): a reloaded
         # model matches a bulk named by id too (models.genes.match_genes).
         **({} if fit.gene_ids is None else {"gene_ids": [str(g) for g in fit.gene_ids]}),
+        # Each type's mean counts per cell in the reference, in cell_types order: the content per cell that
+        # TAPE's proportions assume (content.py; absent in checkpoints from before CELL_CONTENT).
+        **({} if fit.library is None else
+           {"library": torch.as_tensor(fit.library.reindex(fit.cell_types).to_numpy(np.float64))}),
         # Per-type half-width of the 90 % intervals, in cell_types order (absent before they existed).
         **({} if fit.halfwidth is None else
            {"halfwidth": torch.as_tensor(fit.halfwidth.reindex(fit.cell_types).to_numpy(np.float64))}),
@@ -347,6 +354,13 @@ def checkpoint_halfwidth(ckpt: dict) -> pd.Series | None:
     if "halfwidth" not in ckpt:
         return None
     return pd.Series(np.asarray(ckpt["halfwidth"], dtype=np.float64), index=list(ckpt["cell_types"]))
+
+
+def checkpoint_library(ckpt: dict) -> pd.Series | None:
+    """The reference's mean counts per cell per type saved in a checkpoint (None before CELL_CONTENT)."""
+    if "library" not in ckpt:
+        return None
+    return pd.Series(np.asarray(ckpt["library"], dtype=np.float64), index=list(ckpt["cell_types"]))
 
 
 def checkpoint_protocol(ckpt: dict) -> str:
