@@ -69,6 +69,9 @@ VARIANCE_THRESHOLD = 0.98  # TAPE keeps genes above the 98th-from-top variance r
 ADAPTIVE = False  # TAPE's adaptive stage (300 x 3 steps on the bulk): minutes, and worse MAE on Zheng and Finotello (README)
 SPARSE = True  # TAPE's default: half the simulated samples lack half the cell types
 TORCH_THREADS = 0  # 0 = one per core; TAPE's speed scales with threads on 2 cores
+PLATFORM_SD = 0.0  # augmentation: sd of per-(bulk, gene) log-normal factors on the simulated training bulks, so TAPE
+#                   cannot lean on exact per-gene levels that another platform or a cell state shifts (README: measured)
+LENGTH_SLOPE_SD = 0.0  # augmentation: sd of a per-bulk slope of log expression on log gene length (needs GeneLength)
 GENE_SELECTION = "all"  # "all": every gene TAPE's variance filter keeps; "markers": only each type's MARKERS_PER_TYPE
 #                        most specific genes in the reference (README: measured on real bulks)
 MARKERS_PER_TYPE = 200  # with GENE_SELECTION="markers"
@@ -188,6 +191,8 @@ def main(argv=None) -> pd.DataFrame:
 
     if cfg.GENE_SELECTION not in tape.GENE_SELECTIONS:
         raise InputError(f"GENE_SELECTION must be one of {tape.GENE_SELECTIONS}, got {cfg.GENE_SELECTION!r}")
+    if cfg.PLATFORM_SD < 0 or cfg.LENGTH_SLOPE_SD < 0:
+        raise InputError(f"PLATFORM_SD and LENGTH_SLOPE_SD must be >= 0, got {cfg.PLATFORM_SD} and {cfg.LENGTH_SLOPE_SD}")
     if cfg.MEMBERS < 1 or cfg.MARKERS_PER_TYPE < 1:
         raise InputError(f"MEMBERS and MARKERS_PER_TYPE must be at least 1, got {cfg.MEMBERS} and {cfg.MARKERS_PER_TYPE}")
     default_bulk = not cfg.BULK
@@ -238,7 +243,8 @@ def main(argv=None) -> pd.DataFrame:
             samplenum=cfg.SAMPLENUM, n_cells=cfg.N_CELLS, epochs=cfg.EPOCHS, batch_size=cfg.BATCH_SIZE,
             variance_threshold=cfg.VARIANCE_THRESHOLD, adaptive=cfg.ADAPTIVE, sparse=cfg.SPARSE, seed=cfg.SEED,
             reference_protocol=protocol, gene_selection=cfg.GENE_SELECTION, markers_per_type=cfg.MARKERS_PER_TYPE,
-            marker_min_detection=cfg.MARKER_MIN_DETECTION, members=cfg.MEMBERS)
+            marker_min_detection=cfg.MARKER_MIN_DETECTION, members=cfg.MEMBERS, platform_sd=cfg.PLATFORM_SD,
+            length_slope_sd=cfg.LENGTH_SLOPE_SD)
         fit = tape.fit_tape(reference, bulk_tpm, gene_lengths, settings, paths.checkpoints_dir, n_threads)
         fit.halfwidth = calibrate_intervals(fit, reference, gene_lengths, cfg, paths, n_threads)
         if reference_ids is not None:

@@ -426,6 +426,44 @@ def test_stage4_cell_content_converts_proportions_and_intervals(data_dir, tmp_pa
         stage4.main([*base, "--RETRAIN=false", f"--CELL_CONTENT={content}"])
 
 
+def test_platform_augmentation_draws_seeded_gene_factors_and_length_slopes():
+    """augment_platform: per-(bulk, gene) log-normal factors of the given sd and a per-bulk slope on log length."""
+    from models.deconvolution.tape import augment_platform
+
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(3000)]
+    tpm = pd.DataFrame(rng.gamma(1.0, 1.0, (40, 3000)), columns=genes)
+    tpm = tpm.div(tpm.sum(axis=1), axis=0) * 1e6
+    lengths = pd.Series(np.exp(rng.uniform(6, 11, 3000)), index=genes)
+    np.testing.assert_allclose(augment_platform(tpm, lengths, 0.0, 0.0, seed=1).to_numpy(), tpm.to_numpy())
+    noisy = augment_platform(tpm, lengths, 0.5, 0.0, seed=1)
+    np.testing.assert_array_equal(noisy.to_numpy(), augment_platform(tpm, lengths, 0.5, 0.0, seed=1).to_numpy())
+    assert not np.allclose(noisy.to_numpy(), augment_platform(tpm, lengths, 0.5, 0.0, seed=2).to_numpy())
+    np.testing.assert_allclose(noisy.sum(axis=1), 1e6)
+    log_ratio = np.log(noisy.to_numpy() / tpm.to_numpy())
+    assert np.std(log_ratio - log_ratio.mean(axis=1, keepdims=True)) == pytest.approx(0.5, rel=0.02)
+    sloped = np.log(augment_platform(tpm, lengths, 0.0, 0.3, seed=1).to_numpy() / tpm.to_numpy())
+    slopes = [np.polyfit(np.log(lengths.to_numpy()), row, 1)[0] for row in sloped]
+    assert np.std(slopes) == pytest.approx(0.3, rel=0.35)  # 40 bulks: the sd of 40 N(0, 0.3) draws
+    np.testing.assert_allclose(sloped - sloped[:, :1], (np.array(slopes)[:, None]
+                                                         * (np.log(lengths.to_numpy()) - np.log(lengths.iloc[0])))
+                               [:, :], atol=1e-8)
+
+
+def test_stage4_platform_augmentation_is_recorded_and_checked(data_dir, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    base = [f"--DATA_DIR={root}", f"--FIG_DIR={tmp_path / 'fig'}", *TINY_ARGS]
+    with pytest.raises(InputError, match="PLATFORM_SD and LENGTH_SLOPE_SD must be >= 0"):
+        stage4.main([*base, "--PLATFORM_SD=-0.5"])
+    plain = stage4.main(base)
+    augmented = stage4.main([*base, "--PLATFORM_SD=0.5", "--LENGTH_SLOPE_SD=0.2"])
+    settings = torch.load(Paths(root).tape_checkpoint, weights_only=True)["settings"]
+    assert settings["platform_sd"] == 0.5 and settings["length_slope_sd"] == 0.2
+    assert not np.allclose(plain.to_numpy(), augmented.to_numpy())  # trained on other bulks
+    np.testing.assert_allclose(augmented.sum(axis=1), 1.0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- intervals
 def test_intervals_contain_the_point_estimate_and_stay_in_unit_range():
     rng = np.random.default_rng(0)
