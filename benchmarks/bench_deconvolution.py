@@ -29,6 +29,8 @@ Run (heavy: take the shared lock so timings do not overlap other helpers' runs):
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real --METHODS=today,tape \
         --AUGMENT=false --VARIANTS='markers:50*1,markers:100*1,markers:200*4,all*4@32' --FIG_DIR=
+    for s in 0 1 2; do flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real \
+        --METHODS=today,tape,tape/epic --AUGMENT=true --SEED=$s; done   # CELL_CONTENT (EPIC) and augmentation, 3 seeds
 Prints figures only; asserts nothing about time.
 """
 from __future__ import annotations
@@ -470,7 +472,7 @@ def real_part_rows(cfg, results, name, prefix, settings, reference, lengths, rea
         bounds = tape.intervals(pred, fit.halfwidth)
         nnls = nnls_mass_corrected(reference, bulk, lengths, cfg.REFERENCE_PROTOCOL)[pred.columns]
         # TAPE's output read as RNA fractions -> cells: divided by each type's mean library size
-        content = reference.sum(axis=1).groupby(level=0).mean().reindex(pred.columns)
+        content = fit.library.reindex(pred.columns)
         per_cell = pred / content
         scale = per_cell.sum(axis=1)
         epic = tape.to_cell_content(pred, tape.content_weights(fit.library, epic_content(pred.columns),
