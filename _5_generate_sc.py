@@ -14,8 +14,10 @@ Conditioning (``CONDITION``, models/condition.py): with a bulk (the one stage 4 
 so that the expected pseudo-bulk of its cells matches the bulk ("absolute", same platform) or
 its log-ratio to a baseline ("relative", another platform: ``BULK_BASELINE`` or the samples'
 mean). The mode and why are logged. What the bulk differs by within its sampling noise is not
-fitted (``CONDITION_NOISE``). ``CONDITION=none``, or ``CELL_COUNTS`` without ``BULK``,
-gives the cells of the proportions alone.
+fitted (``CONDITION_NOISE``). With ``CONDITION_COMPOSITION`` (absolute mode, _4_'s point
+proportions), each sample's type shares are re-estimated beside its shifts: a state shift that _4_
+read as a change of composition moves back into the shifts. ``CONDITION=none``, or ``CELL_COUNTS``
+without ``BULK``, gives the cells of the proportions alone.
 
 Reads:
     DATA_DIR/checkpoints/gmvae.pt              trained GMVAE, genes and cell types (_3_)
@@ -35,6 +37,8 @@ Writes (DATA_DIR/generated/, or generated/<sample>/ per bulk sample when there a
     config.json       the settings of this run (generated/)
     condition.npz     when conditioned on a bulk: the fitted shifts (z_shift [K, Z], log_mean_shift and
                       log_fold_change [K, G], genes, cell_types); the fit's r goes to the log and metrics.json
+    composition.csv   when the shares were re-estimated with the conditioning: samples x types, the shares
+                      generated (generated/); before and after in metrics.json and the log
     FIG_DIR/condition_shifts[_<sample>].png   each type's most-shifted genes
     FIG_DIR/generated_proportions.png   real vs generated proportions (every sample)
     FIG_DIR/generated_umap.png, generated_gene_correlation.png  with DATA_DIR/test: the UMAP
@@ -105,12 +109,17 @@ CONDITION_LATENT = False  # also fit a per-type latent shift through the decoder
 CONDITION_MIN_GENES = 1000  # fewer bulk genes shared with the GMVAE than this is an error
 CONDITION_NOISE = 2.0  # a gene is moved only where the bulk differs from the model by more than this many sds of
 #                       its sampling noise (fitted in full beyond twice that); 0 = fit the noise too (README)
+CONDITION_COMPOSITION = False  # absolute mode, counts from _4_'s point proportions: re-estimate each sample's type
+#                               shares beside its shifts, for bulks in a state the reference lacks, which _4_ reads
+#                               partly as composition (Kang stimulated: MAE 0.061 -> 0.049; but Zheng's same-state
+#                               pseudo-bulks 0.024 -> 0.040, similar T subtypes drift: off by default; README)
 CONDITION_LIBRARY = 0.0  # weight keeping each type's expected library size (total count per cell) as the reference's
 #                         (genes that rise take their share from the others); 0 = free (README)
 # -----------------------------------------------------------------------------
 
 BASELINE_STREAM = 1_000_000  # RNG streams of the NB baseline: apart from the GMVAE's (one per sample)
 CONDITION_STREAM = 2_000_000  # RNG streams of the conditioning's z draws and its pi check
+COMPOSITION_ROUNDS = 3  # CONDITION_COMPOSITION: re-estimates of the shares, each followed by a warm refit of the shifts
 
 
 def safe_name(name: str) -> str:
@@ -168,8 +177,9 @@ def read_bulk(path: Path, genes: list[str], gene_ids: list[str] | None = None) -
 
 
 def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prior: str, calibrate: bool,
-                     gene_ids: list[str] | None = None) -> dict:
-    """Sample -> models.condition.SampleCondition fitted to its bulk, or {} (no bulk, or CONDITION=none).
+                     gene_ids: list[str] | None = None) -> tuple[dict, pd.DataFrame]:
+    """(sample -> models.condition.SampleCondition fitted to its bulk, or {} (no bulk, or CONDITION=none);
+    the cell counts to generate: ``counts``, or re-apportioned to the compositions re-estimated with the shifts).
 
     ``gene_ids``: the genes' ids (train/genes.tsv), so a bulk named by id matches too.
     """
@@ -182,10 +192,10 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
     mode, why = condition.choose_mode(cfg.CONDITION, record, bool(cfg.BULK_BASELINE), len(counts))
     if cfg.CONDITION == "none" or bulk_path is None:
         log.info("cells from the proportions only (%s)", "CONDITION=none" if cfg.CONDITION == "none" else "no bulk")
-        return {}
+        return {}, counts
     if mode is None:
         log.warning("not conditioning on %s: %s", bulk_path, why)
-        return {}
+        return {}, counts
     log.info("conditioning on the bulk %s: %s mode, because %s", bulk_path, mode, why)
     bulk_samples = counts.attrs.get("bulk_sample", list(counts.index))  # COUNTS_FROM=draw: replicates share a bulk
     bulk = condition.align_samples(read_bulk(bulk_path, genes, gene_ids), bulk_samples, str(bulk_path))
@@ -208,8 +218,10 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
         if "cell_type" in labels:
             reference_cells = labels["cell_type"].astype(str).value_counts().reindex(
                 [str(t) for t in counts.columns], fill_value=0).to_numpy()
+    refit = composition_refit(cfg, mode)
     settings = condition.ConditionSettings(latent=cfg.CONDITION_LATENT, type_penalty=cfg.CONDITION_TYPE_PENALTY,
-                                           noise_threshold=cfg.CONDITION_NOISE, library_weight=cfg.CONDITION_LIBRARY)
+                                           noise_threshold=cfg.CONDITION_NOISE, library_weight=cfg.CONDITION_LIBRARY,
+                                           composition_rounds=COMPOSITION_ROUNDS if refit else 0)
     fits = condition.fit_conditions(model, counts.to_numpy(), profiles, shared, mode,
                                     generate.block_generator(cfg.SEED, CONDITION_STREAM, 0), settings,
                                     cfg.NOISE_SCALE, prior, calibrate, baseline=baseline, depths=depths,
@@ -221,7 +233,36 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
         if not fit.converged:
             log.warning("sample %s: the conditioning did not converge (mean squared log residual %.4g)",
                         sample, fit.residual)
-    return dict(zip([str(s) for s in counts.index], fits))
+    if refit:
+        counts = reapportion(counts, fits)
+    return dict(zip([str(s) for s in counts.index], fits)), counts
+
+
+def composition_refit(cfg, mode: str) -> bool:
+    """Whether the shares are re-estimated with the shifts (CONDITION_COMPOSITION), logged with why not."""
+    if not cfg.CONDITION_COMPOSITION:
+        return False
+    why_not = ("the bulk is from another platform (relative mode): its shares stay _4_'s" if mode != "absolute" else
+               "CELL_COUNTS fixes the cells" if cfg.CELL_COUNTS else
+               "COUNTS_FROM=draw draws them from _4_'s intervals" if cfg.COUNTS_FROM != "point" else "")
+    if why_not:
+        log.info("composition kept as given: %s", why_not)
+    return not why_not
+
+
+def reapportion(counts: pd.DataFrame, fits) -> pd.DataFrame:
+    """Each sample's cells split by the composition re-estimated beside its shifts (same total), logged."""
+    rows = []
+    for sample, fit in zip(counts.index, fits):
+        before = counts.loc[sample] / counts.loc[sample].sum()
+        after = pd.Series(fit.composition.numpy().astype(np.float64), index=counts.columns)
+        fit.diagnostics["composition_before"] = {str(t): float(v) for t, v in before.items()}
+        fit.diagnostics["composition_after"] = {str(t): float(v) for t, v in after.items()}
+        moved = (after - before).abs().sort_values(ascending=False)
+        log.info("sample %s: composition re-estimated with the shifts (mean |change| %.3f): %s", sample,
+                 float(moved.mean()), ", ".join(f"{t} {before[t]:.3f} -> {after[t]:.3f}" for t in moved.index[:4]))
+        rows.append(generate.largest_remainder(after.to_numpy(), int(counts.loc[sample].sum())))
+    return pd.DataFrame(np.vstack(rows), index=counts.index, columns=counts.columns).astype(counts.dtypes.iloc[0])
 
 
 def write_condition(cfg, paths: Paths, folder: Path, suffix: str, sample: str, fit, own_share: dict, genes,
@@ -356,7 +397,15 @@ def generate_all(cfg, ctx) -> dict:
                     "Rerun _3_train_gmvae.py to get it", paths.gmvae_checkpoint)
     sampler = generate.gmvae_sampler(model, cfg.NOISE_SCALE, method=cfg.SAMPLER, prior=prior, calibrate=calibrate)
     gene_ids = known_gene_ids(paths.train_dir, genes)  # genes.tsv's id column, where _1_ had ids
-    conditions = fit_conditioning(cfg, paths, model, genes, counts, prior, calibrate, gene_ids)
+    # on rank 0 alone, broadcast: every rank then draws from the same shifts and cell counts
+    conditions, counts = distributed.on_main(
+        ctx, lambda: fit_conditioning(cfg, paths, model, genes, counts, prior, calibrate, gene_ids))
+    if any(fit.composition is not None for fit in conditions.values()) and ctx.is_main:
+        paths.generated_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(paths.generated_dir / "composition.csv") as tmp:
+            (counts / counts.sum(1).to_numpy()[:, None]).rename_axis("sample").to_csv(tmp)
+        log.info("wrote %s (the shares generated, re-estimated with the conditioning)",
+                 paths.generated_dir / "composition.csv")
     samplers = {}
     for sample in counts.index:  # a conditioned sample draws through its own shifts
         fit = conditions.get(str(sample))

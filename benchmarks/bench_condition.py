@@ -27,7 +27,8 @@ both sample and baseline); the reference's own test-cell bulk (AUROC change); an
 at lung scale (16,000 genes, 17 types, a randomly initialised model).
 
 By default the true cell counts of each bulk go to stage 5 (as deconvolution/proportions.csv);
-``--stage4`` runs _2_ and _4_ (TAPE, minutes) on the bulks instead, once for the record.
+``--stage4`` runs _2_ and _4_ (TAPE, minutes) on the bulks instead, once for the record
+(``--reuse-stage4``: keep an earlier run's, when they are of the same bulks).
 
 Run (heavy: take the shared lock):
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_condition.py
@@ -223,12 +224,22 @@ def score_run(folder: Path, unconditioned: Path, groups, counts, obs, control_me
 VARIANTS = ("auto", "shared", "relative", "platform_relative", "platform_absolute")
 
 
-def stage4(root: Path, work: Path, bulk: Path, truth: pd.DataFrame) -> None:
-    """_2_ and _4_ (TAPE, at their defaults) on ``bulk``: stage 5 then reads stage 4's proportions and bulk.json."""
+def stage4(root: Path, work: Path, bulk: Path, truth: pd.DataFrame, reuse: bool = False) -> None:
+    """_2_ and _4_ (TAPE, at their defaults) on ``bulk``: stage 5 then reads stage 4's proportions and bulk.json.
+
+    ``reuse``: keep the proportions of an earlier run when bulk.json names this bulk and they cover its samples.
+    """
     from models.metrics import proportion_metrics
     from models.paths import Paths
 
     paths = Paths(root)
+    if reuse and paths.bulk_record.exists() and json.loads(paths.bulk_record.read_text())["path"] == str(bulk):
+        predicted = pd.read_csv(paths.proportions, index_col=0)
+        if set(truth.index) <= set(predicted.index.astype(str)):
+            metrics = proportion_metrics(predicted.loc[truth.index, truth.columns], truth)
+            print(f"_4_'s proportions of an earlier run reused (--reuse-stage4): MAE "
+                  f"{metrics.loc['overall', 'mae']:.4f}", flush=True)
+            return
     paths.gene_length.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(SHARED / "gene_length_hg19.csv.gz", paths.gene_length.with_name("GeneLength.txt.gz"))
     with __import__("gzip").open(paths.gene_length.with_name("GeneLength.txt.gz"), "rb") as source, \
@@ -244,7 +255,8 @@ def stage4(root: Path, work: Path, bulk: Path, truth: pd.DataFrame) -> None:
 
 
 def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, variants=VARIANTS,
-             extra_args: tuple[str, ...] = (), own: bool = True, with_stage4: bool = False) -> None:
+             extra_args: tuple[str, ...] = (), own: bool = True, with_stage4: bool = False,
+             reuse_stage4: bool = False) -> None:
     from models import evaluation, io
     from models.paths import Paths
 
@@ -273,7 +285,7 @@ def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, vari
     shares = type_shares(obs, groups, cell_types)
     shares.index.name = "sample"
     if with_stage4:
-        stage4(root, work, bulks / "stim.csv", shares)
+        stage4(root, work, bulks / "stim.csv", shares, reuse_stage4)
     else:
         shutil.rmtree(paths.deconvolution_dir, ignore_errors=True)
         paths.deconvolution_dir.mkdir(parents=True, exist_ok=True)
@@ -300,6 +312,13 @@ def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, vari
         folder, wall = stage5(root, work, label.split()[0].strip(",:") + str(len(runs)), extra)
         runs[label] = score_run(folder, none, groups, counts, obs, control_means, top, cell_types, gene_index, True)
         print(f"_5_ {label}: {wall:.0f} s", flush=True)
+        if (folder / "composition.csv").exists():  # the shares re-estimated beside the shifts (CONDITION_COMPOSITION)
+            generated = pd.read_csv(folder / "composition.csv", index_col=0).loc[shares.index, shares.columns]
+            given = pd.read_csv(paths.proportions, index_col=0).loc[shares.index, shares.columns]
+            print(f"    composition vs the truth, MAE: {(given - shares).abs().to_numpy().mean():.4f} given to _5_, "
+                  f"{(generated - shares).abs().to_numpy().mean():.4f} generated (stim_all "
+                  f"{(given - shares).abs().loc['stim_all'].mean():.4f} -> "
+                  f"{(generated - shares).abs().loc['stim_all'].mean():.4f})", flush=True)
     runs["unconditioned"] = score_run(none, none, groups, counts, obs, control_means, top, cell_types, gene_index,
                                       True)
     real_auroc = {name: real_vs_real_auroc(counts[idx]) for name, idx in list(groups.items())[:3]}
@@ -393,15 +412,20 @@ def timing(n_samples: int) -> None:
     profiles /= profiles.sum(1, keepdims=True)
     shared = np.ones(LUNG_GENES, bool)
     print(f"\nfit time at lung scale ({LUNG_GENES:,} genes, {LUNG_TYPES} types, 2 threads):")
-    for latent in (False, True):
-        for n in ((1, n_samples) if not latent else (1,)):
-            start = time.perf_counter()
-            condition.fit_conditions(model, cells[:n], profiles[:n], shared, "absolute",
-                                     generate.block_generator(0, 2_000_000, 0),
-                                     condition.ConditionSettings(latent=latent), prior="learned")
-            wall = time.perf_counter() - start
-            print(f"  CONDITION_LATENT={latent}: {n:3d} samples in {wall:6.1f} s = {wall / n:5.2f} s per sample",
-                  flush=True)
+    import _5_generate_sc as stage5
+
+    runs = [(False, 0, n) for n in (1, n_samples)] + [(False, stage5.COMPOSITION_ROUNDS, n) for n in (1, n_samples)]
+    for latent, rounds, n in runs + [(True, 0, 1)]:
+        start = time.perf_counter()
+        fits = condition.fit_conditions(model, cells[:n], profiles[:n], shared, "absolute",
+                                        generate.block_generator(0, 2_000_000, 0),
+                                        condition.ConditionSettings(latent=latent, composition_rounds=rounds),
+                                        prior="learned")
+        wall = time.perf_counter() - start
+        done = max(len(fit.diagnostics["composition_moves"]) for fit in fits)
+        what = f"CONDITION_COMPOSITION=true ({done} of {rounds} rounds run)" if rounds else "default"
+        print(f"  CONDITION_LATENT={latent}, {what}: {n:3d} samples in {wall:6.1f} s = {wall / n:5.2f} s per sample",
+              flush=True)
 
 
 def main() -> None:
@@ -412,6 +436,8 @@ def main() -> None:
                         help=f"comma-separated conditioned runs of the fidelity part, of {','.join(VARIANTS)}")
     parser.add_argument("--stage4", action="store_true",
                         help="stage 5 gets _4_'s proportions of the bulks (TAPE, minutes), not the true ones")
+    parser.add_argument("--reuse-stage4", action="store_true",
+                        help="with --stage4: keep an earlier run's proportions of the same bulks (in --work)")
     parser.add_argument("--stage5-args", default="",
                         help="space-separated settings given to every _5_ run, e.g. '--CONDITION_NOISE=0'")
     parser.add_argument("--work", default="/tmp/bulk2sc_bench_condition")
@@ -432,7 +458,7 @@ def main() -> None:
         if not (SHARED / "kang_ifnb").is_dir():
             sys.exit(f"{SHARED / 'kang_ifnb'} is absent")
         fidelity(work, args.retrain, args.cohort, args.cells, args.variants.split(","), extra_args,
-                 with_stage4=args.stage4)
+                 with_stage4=args.stage4, reuse_stage4=args.reuse_stage4)
     if args.part == "own":
         root, test, cell_types = reference(work, args.retrain)
         own_bulk(root, work, test, cell_types, extra_args)

@@ -51,6 +51,7 @@ from models.utils import InputError
 log = logging.getLogger(__name__)
 
 MODES = ("absolute", "relative")
+CONTRACTION = 0.75  # a round of the composition re-estimate counts only if it moves the shares <= this x the last
 
 
 @dataclass
@@ -74,6 +75,8 @@ class ConditionSettings:
     noise_threshold: float = 2.0  # a gene's pseudo-bulk moves only beyond this many sds of its sampling noise (0: fits noise)
     library_weight: float = 0.0  # x mean_sk (log change of type k's expected library in sample s)^2; 0 = free
     noise_gamma: float = 2.0  # ... and in full beyond gamma x that many (MCP, gamma > 1; a linear ramp between)
+    composition_rounds: int = 0  # absolute mode: re-estimate each sample's type shares with the shifts this many times
+    composition_steps: int = 300  # Adam steps of each re-estimate, and of the warm refit of the shifts after it
 
 
 @dataclass
@@ -87,6 +90,7 @@ class SampleCondition:
     r_after: float  # the same for the conditioned pseudo-bulk
     residual: float  # mean squared log residual after the fit
     converged: bool
+    composition: torch.Tensor | None = None  # [K] type shares re-estimated with the shifts (None: the given ones kept)
     diagnostics: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -307,12 +311,17 @@ def denoise_targets(targets: torch.Tensor, unshifted: torch.Tensor, noise: torch
 
 
 def fit_composition(log_means: torch.Tensor, target: torch.Tensor, shared: torch.Tensor, pseudo: float,
-                    steps: int = 300, lr: float = 0.1) -> torch.Tensor:
-    """Type shares [K] whose unshifted pseudo-bulk best matches the log profile ``target`` [G].
+                    steps: int = 300, lr: float = 0.1, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Type shares [S, K] whose pseudo-bulks best match the log profiles ``target`` [S, G].
 
-    For a baseline bulk whose composition is not given: the same log-profile loss as the fit.
+    log_means: [K, G] or [S, K, G] each type's log expected counts; ``init`` [S, K] the shares to
+    start from (None: equal shares). The same log-profile loss as the fit: a composition estimate
+    on the model's own type profiles (for a baseline bulk whose composition is not given, and for
+    the re-estimate beside the shifts).
     """
-    logits = torch.zeros(1, log_means.shape[0], requires_grad=True)
+    n_samples, n_types = len(target), log_means.shape[-2]
+    start = torch.zeros(n_samples, n_types) if init is None else torch.log(init.float().clamp_min(1e-4))
+    logits = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -320,7 +329,7 @@ def fit_composition(log_means: torch.Tensor, target: torch.Tensor, shared: torch
         loss = ((pred - target) ** 2)[:, shared].mean()
         loss.backward()
         optimizer.step()
-    return torch.softmax(logits.detach(), -1)[0]
+    return torch.softmax(logits.detach(), -1)
 
 
 def relative_targets(log_means: torch.Tensor, profiles: torch.Tensor, baseline: torch.Tensor,
@@ -391,8 +400,8 @@ def fit_latent(model, z: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor], 
 
 
 def fit_genes(base: tuple[torch.Tensor, torch.Tensor], changes: torch.Tensor, cells: torch.Tensor,
-              targets: torch.Tensor, shared: torch.Tensor,
-              settings: ConditionSettings) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+              targets: torch.Tensor, shared: torch.Tensor, settings: ConditionSettings,
+              state: dict | None = None, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Per-type deviations d [K, G] and per-sample gene factors c + e_s [S, G], fitted jointly.
 
     With ``settings.library_weight`` > 0 the second is [S, K, G]: a per-sample, per-type log
@@ -407,18 +416,22 @@ def fit_genes(base: tuple[torch.Tensor, torch.Tensor], changes: torch.Tensor, ce
 
     base: :func:`type_log_means`; changes: [S, K, G] each sample's latent change of the type log
     means; cells: [S, K]; targets: [S, G] log profiles. Minimises mean_s mean_g (log profile -
-    target)^2 plus the ridges.
+    target)^2 plus the ridges. ``state``: a dict the fitted parameters are written to, and taken
+    from when it holds them (a warm start: ``steps`` then replaces ``settings.gene_steps``).
     """
     n_samples, n_types, n_genes = changes.shape
-    common = torch.zeros(n_genes, requires_grad=True)
-    types = torch.zeros(n_types, n_genes, requires_grad=True)
-    samples = torch.zeros(n_samples, n_genes, requires_grad=True)
-    depth = torch.zeros(n_samples, n_types, 1, requires_grad=settings.library_weight > 0)
+    state = {} if state is None else state
+    start = {"common": torch.zeros(n_genes), "types": torch.zeros(n_types, n_genes),
+             "samples": torch.zeros(n_samples, n_genes), "depth": torch.zeros(n_samples, n_types, 1)}
+    common, types, samples, depth = (state.get(name, value).clone() for name, value in start.items())
+    for parameter in (common, types, samples):
+        parameter.requires_grad_(True)
+    depth.requires_grad_(settings.library_weight > 0)
     optimizer = torch.optim.Adam([common, types, samples, *([depth] if depth.requires_grad else [])], lr=settings.lr)
     with torch.no_grad():
         base_library = torch.logsumexp(expected_log_means(base[0], base[1], 0.0, False), -1)  # [K]
     losses = []
-    for _ in range(settings.gene_steps):
+    for _ in range(settings.gene_steps if steps is None else steps):
         optimizer.zero_grad()
         shift = common + types[None] + samples[:, None, :] + depth
         log_means = expected_log_means(base[0][None], base[1][None], shift, settings.frequency) + changes
@@ -432,6 +445,7 @@ def fit_genes(base: tuple[torch.Tensor, torch.Tensor], changes: torch.Tensor, ce
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+    state.update(common=common.detach(), types=types.detach(), samples=samples.detach(), depth=depth.detach())
     per_sample = common[None] + samples
     return types.detach(), (per_sample[:, None, :] + depth if depth.requires_grad else per_sample).detach(), losses
 
@@ -471,10 +485,9 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
     *base, log_variances = type_moments(
         model, latent_draws(model, settings.n_base_draws, noise_scale, prior, generator), calibrate)
     unshifted_means = expected_log_means(base[0], base[1], 0.0, False)
-    noise = log_profile_noise(unshifted_means, log_variances, cells_t, shared_t, settings.pseudo,
-                              None if depths is None else torch.as_tensor(np.asarray(depths, dtype=np.float64)),
-                              None if reference_cells is None else torch.as_tensor(np.asarray(reference_cells,
-                                                                                             dtype=np.float64)))
+    depths_t = None if depths is None else torch.as_tensor(np.asarray(depths, dtype=np.float64))
+    reference_t = None if reference_cells is None else torch.as_tensor(np.asarray(reference_cells, dtype=np.float64))
+    noise_factor = 1.0
     if mode == "absolute":
         targets = log_profile(profiles_t, settings.pseudo)
     else:
@@ -485,15 +498,23 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
             baseline_t = torch.as_tensor(np.asarray(baseline), dtype=torch.float32)
             composition = (torch.as_tensor(np.asarray(baseline_cells)).float() if baseline_cells is not None else
                            fit_composition(unshifted_means, log_profile(baseline_t, settings.pseudo)[None], shared_t,
-                                           settings.pseudo))
+                                           settings.pseudo)[0])
             log.info("baseline composition (fitted to the baseline bulk with the model's type profiles): %s",
                      ", ".join(f"{float(v):.3f}" for v in composition))
         targets = relative_targets(unshifted_means, profiles_t, baseline_t, composition / composition.sum(), shared_t,
                                    settings.pseudo)
         # the target is a ratio to the baseline, which varies too: by one sample's worth (a given baseline,
         # taken as conservatively as one bulk) or by the mean of the samples'
-        noise = noise * math.sqrt(2.0 if baseline is not None else 1.0 + 1.0 / len(profiles_t))
+        noise_factor = math.sqrt(2.0 if baseline is not None else 1.0 + 1.0 / len(profiles_t))
     unshifted = log_profile(pseudo_bulk_profile(unshifted_means, shares, shared_t), settings.pseudo)
+
+    def denoised(shares_now):  # what the bulk differs from the model by beyond its sampling noise: the fit's targets
+        cells_now = cells_t if shares_now is shares else shares_now * cells_t.sum(1, keepdim=True)
+        noise = noise_factor * log_profile_noise(unshifted_means, log_variances, cells_now, shared_t, settings.pseudo,
+                                                 depths_t, reference_t)
+        expected = log_profile(pseudo_bulk_profile(unshifted_means, shares_now, shared_t), settings.pseudo)
+        return denoise_targets(targets, expected, noise, shared_t, settings.pseudo, settings.noise_threshold,
+                               settings.noise_gamma)
 
     n_samples = len(cells_t)
     z_shifts = torch.zeros(n_samples, model.n_types, model.z_dim)
@@ -505,14 +526,37 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
         for s in range(n_samples):
             z_shifts[s], changes[s], latent_losses[s] = fit_latent(model, z, base, calibrate, whitener, shares[s],
                                                                    targets[s], shared_t, settings)
-    # what the bulk differs from the model by beyond its sampling noise is what the fit is asked for
-    fit_targets, beyond = denoise_targets(targets, unshifted, noise, shared_t, settings.pseudo,
-                                          settings.noise_threshold, settings.noise_gamma)
-    types, genes, gene_losses = fit_genes(base, changes, shares, fit_targets, shared_t, settings)
+    fit_targets, beyond = denoised(shares)
+    state = {}
+    types, genes, gene_losses = fit_genes(base, changes, shares, fit_targets, shared_t, settings, state)
+    composition = shares
+    rounds = settings.composition_rounds if mode == "absolute" else 0
+    moves = torch.zeros(0, n_samples)  # [rounds, S] mean |change| of each sample's shares per round
+    accepted = torch.zeros(n_samples, dtype=torch.long)  # rounds kept per sample
+    active = torch.ones(n_samples, dtype=torch.bool)
+    for round_ in range(rounds):
+        # each sample's shares under the shifts that the samples share (the common factor, the type deviations):
+        # a composition error that a sample's own gene factor would otherwise absorb is left to its shares
+        shared_shift = state["common"] + state["types"][None] + state["depth"]
+        typed = expected_log_means(base[0][None], base[1][None], shared_shift, settings.frequency) + changes
+        moved = fit_composition(typed, targets, shared_t, settings.pseudo, settings.composition_steps,
+                                lr=settings.lr, init=composition)
+        move = (moved - composition).abs().mean(1)
+        # a round counts for a sample while its moves shrink; where they do not, its shares and the type deviations
+        # trade off (types its bulk cannot tell apart), so its shares stay where they were from then on
+        keep = active & (move <= CONTRACTION * moves[-1] if round_ else active)
+        moves = torch.cat([moves, move[None]])
+        if not bool(keep.any()):
+            break
+        active, accepted = keep, accepted + keep.long()
+        composition = torch.where(keep[:, None], moved, composition)
+        fit_targets, beyond = denoised(composition)
+        types, genes, gene_losses = fit_genes(base, changes, composition, fit_targets, shared_t, settings, state,
+                                              steps=settings.composition_steps)
     genes = genes if genes.dim() == 3 else genes[:, None, :]
     gene_shift = (types[None] + genes).clamp(-settings.max_log_shift, settings.max_log_shift)
     log_means = expected_log_means(base[0][None], base[1][None], gene_shift, settings.frequency) + changes
-    conditioned = log_profile(pseudo_bulk_profile(log_means, shares, shared_t), settings.pseudo)
+    conditioned = log_profile(pseudo_bulk_profile(log_means, composition, shared_t), settings.pseudo)
     seconds = time.perf_counter() - start
 
     results = []
@@ -525,13 +569,15 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
             z_shift=z_shifts[s], log_mean_shift=gene_shift[s], log_fold_change=log_means[s] - unshifted_means,
             r_before=pearson(unshifted[s][shared_t], targets[s][shared_t]),
             r_after=pearson(conditioned[s][shared_t], targets[s][shared_t]),
-            residual=residual, converged=converged,
+            residual=residual, converged=converged, composition=composition[s].clone() if rounds else None,
             diagnostics={"mode": mode, "n_shared_genes": int(shared_t.sum()), "seconds": seconds / n_samples,
                          "mean_abs_log_fold_change": float((log_means[s] - unshifted_means).abs().mean()),
                          "noise_threshold": settings.noise_threshold,
                          "library_log_change": [float(v) for v in torch.logsumexp(log_means[s], -1)
                                                 - torch.logsumexp(unshifted_means, -1)],
                          "genes_beyond_noise": int(beyond[s].sum()),
+                         "composition_moves": [float(m) for m in moves[:, s]],
+                         "composition_rounds": int(accepted[s]),
                          "latent_shift_sd": [float(v) for v in whitened]}))
     return results
 

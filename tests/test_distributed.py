@@ -249,3 +249,24 @@ def assert_same_numbers(first: Path, second: Path, rel: float = 1e-4) -> None:
             assert two[key] == pytest.approx(value, rel=rel, abs=1e-9), f"{first}: {key}"
         else:
             assert two[key] == value, f"{first}: {key}"
+
+
+def test_conditioned_generation_under_torchrun_equals_one_process(tmp_path):
+    """Conditioning on a bulk (with the composition re-estimated) is fitted on rank 0 and broadcast: the
+    2-rank files equal one process's at one thread (float reductions depend on the thread count)."""
+    from test_condition import stage5_dir
+
+    paths = {name: stage5_dir(tmp_path / name, with_bulk=True) for name in ("one", "two")}
+    args = ["--N_CELLS=300", "--CONDITION_MIN_GENES=50", "--EVALUATE=false", "--FIGURES=false",
+            "--CONDITION_COMPOSITION=true", "--CHUNK_CELLS=128"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(REPO / "_5_generate_sc.py"), f"--DATA_DIR={paths['one'].data_dir}",
+                    f"--FIG_DIR={tmp_path / 'fig'}", "--TORCH_THREADS=1", *args], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    assert "2 ranks" in torchrun([REPO / "_5_generate_sc.py", f"--DATA_DIR={paths['two'].data_dir}",
+                                  f"--FIG_DIR={tmp_path / 'fig2'}", *args])
+    one, two = paths["one"].generated_dir, paths["two"].generated_dir
+    assert (one / "composition.csv").read_bytes() == (two / "composition.csv").read_bytes()
+    for sample in ("s1", "s2"):
+        for name in ("matrix.mtx", "clusters.csv", "condition.npz"):
+            assert (one / sample / name).read_bytes() == (two / sample / name).read_bytes(), f"{sample}/{name}"
