@@ -10,11 +10,13 @@ Reads:
     BULK_TRUTH                           optional samples x cell types proportions
                                          (default with the default BULK: sctape/pseudobulk_truth.csv)
 Writes:
-    DATA_DIR/checkpoints/tape.pt               TAPE state_dict + genes + cell types + settings
+    DATA_DIR/checkpoints/tape.pt               TAPE state_dict + genes + cell types + settings (+ the
+                                               interval calibration: half-widths and the simulated bulks)
     DATA_DIR/deconvolution/proportions.csv     samples x cell types (clusters.csv names), rows sum to 1
     DATA_DIR/deconvolution/proportions_lower.csv, proportions_upper.csv
                                                the 90 % interval of every proportion (split conformal,
-                                               calibrated on simulated bulks with known truth)
+                                               calibrated on simulated bulks with known truth; widened
+                                               per sample for a bulk that departs from them)
     DATA_DIR/deconvolution/metrics.csv         with truth: MAE, RMSE, Pearson r, Lin's CCC, overall + per sample
     DATA_DIR/deconvolution/bulk.json           the bulk's path, unit and protocol (stage 5 conditions on it)
     DATA_DIR/deconvolution/config.json         the settings of this run
@@ -178,7 +180,31 @@ def calibrate_intervals(fit, reference: pd.DataFrame, gene_lengths: pd.Series, c
     halfwidth = tape.conformal_halfwidth(calib_pred, calib_truth)
     log.info("90 %% intervals from %d simulated bulks: half-width %s", len(calib_tpm),
              ", ".join(f"{t} {w:.3f}" for t, w in halfwidth.items()))
+    # kept with the model: a bulk that departs from these gets its own, wider intervals (bulk_halfwidth)
+    fit.calibration = (tape.model_inputs(tape.checkpoint_dict(fit), calib_tpm, gene_lengths).astype(np.float32),
+                       calib_truth[list(fit.cell_types)].reset_index(drop=True))
     return halfwidth
+
+
+def bulk_halfwidth(ckpt: dict, model, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series, halfwidth: pd.Series,
+                   n_threads: int, source: str) -> pd.DataFrame:
+    """Per-sample half-widths: the calibration's, widened for a bulk TAPE reconstructs worse than the
+    simulated bulks (another platform; intervals.departure_halfwidth), logged."""
+    calibration = tape.checkpoint_calibration(ckpt)
+    index = bulk_tpm.index
+    if calibration is None:
+        log.info("%s has no calibration bulks (trained before they were kept): intervals from the simulated "
+                 "bulks' errors alone, which a bulk from another platform exceeds; retrain to widen them", source)
+        return pd.DataFrame([halfwidth.to_numpy()] * len(index), index=index, columns=halfwidth.index)
+    models = model if model is not None else tape.models_from_checkpoint(ckpt)
+    x = tape.model_inputs(ckpt, bulk_tpm, gene_lengths)
+    widths, info = tape.departure_halfwidth(tape.reconstruction(models, n_threads), calibration[0],
+                                            calibration[1], x, halfwidth, index=index)
+    log.info("TAPE's reconstruction residual (rms over genes, in its input scale): median %.4f over the bulk's "
+             "samples, %.4f on the simulated bulks; %d of %d samples depart beyond it, their intervals widened "
+             "(mean half-width %.3f, simulated bulks' %.3f)", float(np.median(info["rms"])), info["rms_simulated"],
+             int((info["excess"] > 0).sum()), len(index), float(widths.to_numpy().mean()), float(halfwidth.mean()))
+    return widths
 
 
 def main(argv=None) -> pd.DataFrame:
@@ -264,8 +290,11 @@ def main(argv=None) -> pd.DataFrame:
     if halfwidth is None:
         log.warning("%s has no interval calibration (trained before it existed): no intervals written; "
                     "retrain with --RETRAIN=true to get them", paths.tape_checkpoint)
-    else:
+    elif cfg.ADAPTIVE:  # the adaptive stage refits the model per bulk: the departure check does not apply
         bounds = tape.intervals(pred, halfwidth)
+    else:
+        widths = bulk_halfwidth(ckpt, model, bulk_tpm, gene_lengths, halfwidth, n_threads, str(paths.tape_checkpoint))
+        bounds = tape.intervals(pred, pd.Series(1.0, index=pred.columns), widths[pred.columns])
     if content is not None:
         weights = tape.content_weights(tape.checkpoint_library(ckpt), content, type_names)
         pred, bounds = tape.to_cell_content(pred, weights, bounds)

@@ -467,9 +467,23 @@ def real_part_rows(cfg, results, name, prefix, settings, reference, lengths, rea
     ckpt = tape.checkpoint_dict(fit)
     print(f"| {name}: {reference.shape[0]} cells, {len(fit.genes)} genes; {prefix}fit {times['fit']:.0f} s, "
           f"intervals {times['calibrate']:.0f} s | | | | | | |")
+    calib_x = tape.model_inputs(ckpt, calib[0], lengths)
+    calib_truth = calib[1][list(fit.cell_types)].reset_index(drop=True)
+    forward = tape.reconstruction(fit.model, THREADS)
     for cohort, (bulk, truth) in cohorts.items():
         pred = tape.predict_proportions(ckpt, bulk, lengths, adaptive=False, model=fit.model, n_threads=THREADS)
-        bounds = tape.intervals(pred, fit.halfwidth)
+        # stage 4's intervals: the calibration's half-width, widened per sample for a bulk that departs from the
+        # simulated bulks (intervals.departure_halfwidth); the plain ones are scored beside them
+        widths, info = tape.departure_halfwidth(forward, calib_x, calib_truth, tape.model_inputs(ckpt, bulk, lengths),
+                                                fit.halfwidth, index=pred.index)
+        bounds = tape.intervals(pred, pd.Series(1.0, index=pred.columns), widths[pred.columns])
+        plain = tape.intervals(pred, fit.halfwidth)
+        shown_plain, t_plain = ((plain, truth[pred.columns]) if cohort == "Zheng pseudo-bulks" else
+                                (mapped_with_bounds(pred, plain)[1], truth))
+        print(f"| {name} | {cohort} | {prefix}tape, intervals from the simulated bulks alone: coverage "
+              f"{tape.coverage(*shown_plain, t_plain):.2f}; reconstruction residual rms {np.median(info['rms']):.4f} "
+              f"(simulated {info['rms_simulated']:.4f}), {int((info['excess'] > 0).sum())} of {len(pred)} samples "
+              "widened | | | |", flush=True)
         nnls = nnls_mass_corrected(reference, bulk, lengths, cfg.REFERENCE_PROTOCOL)[pred.columns]
         # TAPE's output read as RNA fractions -> cells: divided by each type's mean library size
         content = fit.library.reindex(pred.columns)

@@ -358,6 +358,9 @@ def test_stage4_end_to_end_then_predict_from_checkpoint(data_dir, tmp_path):
     assert (upper.to_numpy() - lower.to_numpy()).max() > 0  # a tiny 2-epoch model is far from certain
     ckpt = torch.load(paths.tape_checkpoint, weights_only=True)
     assert ckpt["cell_types"] == ["alpha", "beta", "gamma"] and ckpt["halfwidth"].shape == (3,)
+    # the calibration bulks travel with the model (float16 inputs), for the departure check of new bulks
+    assert ckpt["calibration_x"].dtype == torch.float16 and ckpt["calibration_x"].shape[1] == len(ckpt["genes"])
+    assert ckpt["calibration_truth"].shape == (ckpt["calibration_x"].shape[0], 3)
     assert not list(paths.checkpoints_dir.glob(".tape_*")) and not list(paths.checkpoints_dir.glob("*.pth"))
 
     # RETRAIN=false on a user's counts file, genes x samples, one sample, no truth.
@@ -503,6 +506,45 @@ def test_intervals_cover_simulated_truth_at_the_nominal_level(fitted, inputs, tm
     assert 0.85 <= tape.coverage(*tape.intervals(test_pred, halfwidth), test_truth) <= 0.95
     # a half-width of half the size covers clearly less: the calibration is not vacuous
     assert tape.coverage(*tape.intervals(test_pred, halfwidth / 2), test_truth) < 0.8
+
+
+def test_a_bulk_that_departs_from_the_simulated_bulks_gets_wider_intervals():
+    """departure_halfwidth with a known linear model (x = proportions @ signature, read back by least
+    squares): bulks like the calibration ones keep its half-width; bulks of another platform (every gene
+    x a fixed factor, so the model cannot reconstruct them) get wider intervals that cover their truth."""
+    rng = np.random.default_rng(0)
+    n_types, n_genes = 4, 300
+    signature = rng.gamma(1.0, 1.0, (n_types, n_genes))
+    types = list("abcd")
+
+    def forward(x):
+        pred = np.clip(np.linalg.lstsq(signature.T, np.asarray(x).T, rcond=None)[0].T, 0.0, None)
+        pred = pred / pred.sum(axis=1, keepdims=True)
+        return pred, pred @ signature
+
+    def bulks(n, platform=None):
+        truth = rng.dirichlet(np.ones(n_types), n)
+        x = truth @ signature * np.exp(rng.normal(0.0, 0.05, (n, n_genes)))  # sampling noise
+        return (x if platform is None else x * platform), pd.DataFrame(truth, columns=types)
+
+    calib_x, calib_truth = bulks(400)
+    halfwidth = tape.conformal_halfwidth(pd.DataFrame(forward(calib_x)[0], columns=types), calib_truth)
+    platform = np.exp(rng.normal(0.0, 0.5, n_genes))
+    widths, coverages = {}, {}
+    for name, factor in (("same", None), ("other", platform)):
+        x, truth = bulks(30, factor)
+        widths[name], info = tape.departure_halfwidth(forward, calib_x, calib_truth, x, halfwidth)
+        assert (widths[name].to_numpy() >= halfwidth.to_numpy()[None, :] - 1e-12).all()  # never below
+        pred = pd.DataFrame(forward(x)[0], columns=types)
+        unit = pd.Series(1.0, index=types)
+        coverages[name] = (tape.coverage(*tape.intervals(pred, halfwidth), truth),
+                           tape.coverage(*tape.intervals(pred, unit, widths[name]), truth))
+        if name == "other":
+            assert np.median(info["rms"]) > 2 * info["rms_simulated"] and (info["excess"] > 0.5).all()
+    assert widths["same"].to_numpy().mean() < 1.1 * halfwidth.mean()  # like the calibration bulks: unchanged
+    assert coverages["same"][1] >= 0.85
+    assert widths["other"].to_numpy().mean() > 2 * halfwidth.mean()
+    assert coverages["other"][0] < 0.7 and coverages["other"][1] >= 0.85  # plain intervals miss the platform
 
 
 def test_marker_genes_are_each_types_most_specific_detected_genes():

@@ -49,10 +49,11 @@ from models.deconvolution.units import (  # noqa: F401
     select_genes)
 from models.deconvolution.tape import (  # noqa: F401
     ADAPTIVE_MAX_ITER, ADAPTIVE_STEP, GENE_SELECTIONS, MEMBER_DATA, TAPE_VERSION, TapeFit, TapeSettings, bootstrap_reference, calibration_bulks, checkpoint_dict,
-    checkpoint_halfwidth, checkpoint_library, checkpoint_profile,
+    checkpoint_calibration, checkpoint_halfwidth, checkpoint_library, checkpoint_profile,
     checkpoint_protocol, fit_tape, import_tape, load_checkpoint, model_from_checkpoint, models_from_checkpoint,
-    predict_members, predict_proportions,
+    model_inputs, predict_members, predict_proportions, reconstruction,
     predict_scaled, save_checkpoint, simulate_bulks, simulated_tpm, tape_sandbox)
 from models.deconvolution.content import content_weights, read_cell_content, reference_library, to_cell_content  # noqa: F401
 from models.deconvolution.signature import nnls_proportions  # noqa: F401
-from models.deconvolution.intervals import LEVEL, conformal_halfwidth, coverage, ensemble_scale, intervals  # noqa: F401
+from models.deconvolution.intervals import (LEVEL, conformal_halfwidth, coverage, departure_halfwidth,  # noqa: F401
+                                             ensemble_scale, intervals)

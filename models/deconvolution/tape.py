@@ -134,6 +134,7 @@ class TapeFit:
     extra: dict = field(default_factory=dict)
     members: list = field(default_factory=list)  # every member's AutoEncoder, ``model`` first
     library: pd.Series | None = None  # each type's mean counts per cell in the reference (content.reference_library)
+    calibration: tuple | None = None  # (model inputs [n, genes], truth [n, types]) of the interval calibration bulks
 
     def __post_init__(self):
         if not self.members:
@@ -318,6 +319,11 @@ def checkpoint_dict(fit: TapeFit) -> dict:
         # Per-type half-width of the 90 % intervals, in cell_types order (absent before they existed).
         **({} if fit.halfwidth is None else
            {"halfwidth": torch.as_tensor(fit.halfwidth.reindex(fit.cell_types).to_numpy(np.float64))}),
+        # The calibration bulks themselves (model inputs in float16, truth in cell_types order): a bulk that departs
+        # from them gets wider intervals (intervals.departure_halfwidth; absent before that existed).
+        **({} if fit.calibration is None else
+           {"calibration_x": torch.as_tensor(np.asarray(fit.calibration[0], np.float16)),
+            "calibration_truth": torch.as_tensor(fit.calibration[1][list(fit.cell_types)].to_numpy(np.float64))}),
     }
 
 
@@ -354,6 +360,14 @@ def checkpoint_halfwidth(ckpt: dict) -> pd.Series | None:
     if "halfwidth" not in ckpt:
         return None
     return pd.Series(np.asarray(ckpt["halfwidth"], dtype=np.float64), index=list(ckpt["cell_types"]))
+
+
+def checkpoint_calibration(ckpt: dict) -> tuple[np.ndarray, pd.DataFrame] | None:
+    """(model inputs, truth) of the calibration bulks saved in a checkpoint (None before they were saved)."""
+    if "calibration_x" not in ckpt:
+        return None
+    return (np.asarray(ckpt["calibration_x"], dtype=np.float32),
+            pd.DataFrame(np.asarray(ckpt["calibration_truth"], dtype=np.float64), columns=list(ckpt["cell_types"])))
 
 
 def checkpoint_library(ckpt: dict) -> pd.Series | None:
@@ -442,15 +456,48 @@ def predict_members(ckpt: dict, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series,
     """
     if adaptive is None:
         adaptive = bool(ckpt.get("settings", {}).get("adaptive", False))
-    genes = list(ckpt["genes"])
-    aligned = align_genes(model_scale(bulk_tpm, gene_lengths), genes, min(min_shared_genes, len(genes)), source)
-    x = scale_samples(aligned, genes)
+    x = model_inputs(ckpt, bulk_tpm, gene_lengths, min_shared_genes, source)
     models = models_from_checkpoint(ckpt) if model is None else (model if isinstance(model, list) else [model])
     frames = []
     for member in models:
         pred, _ = predict_scaled(member, x, adaptive, n_threads, workdir)
         frames.append(pd.DataFrame(_renormalise(pred, source), index=bulk_tpm.index, columns=list(ckpt["cell_types"])))
     return frames
+
+
+def model_inputs(ckpt: dict, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series, min_shared_genes: int = 1,
+                 source: str = "bulk") -> np.ndarray:
+    """A TPM bulk as the model's input [samples, the checkpoint's genes] (model_scale, align_genes, scale_samples)."""
+    genes = list(ckpt["genes"])
+    aligned = align_genes(model_scale(bulk_tpm, gene_lengths), genes, min(min_shared_genes, len(genes)), source)
+    return scale_samples(aligned, genes)
+
+
+def reconstruction(models, n_threads: int | None = None):
+    """forward(x) -> (proportions [n, K], reconstruction [n, genes]), each the mean over ``models`` (one
+    AutoEncoder or the members), in test state: TAPE's proportions and their signature mix."""
+    import torch
+
+    members = models if isinstance(models, list) else [models]
+    device = import_tape().model.device
+
+    def forward(x):
+        threads_before = torch.get_num_threads()
+        if n_threads is not None:
+            set_torch_threads(n_threads)
+        try:
+            preds, recons = [], []
+            for member in members:
+                member.eval()
+                member.state = "test"
+                with torch.no_grad():
+                    recon, pred, _ = member(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device))
+                preds.append(pred.cpu().numpy().astype(np.float64))
+                recons.append(recon.cpu().numpy().astype(np.float64))
+            return np.mean(preds, axis=0), np.mean(recons, axis=0)
+        finally:
+            torch.set_num_threads(threads_before)
+    return forward
 
 
 def predict_proportions(ckpt: dict, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series, adaptive: bool | None = None,
