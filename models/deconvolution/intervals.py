@@ -77,8 +77,8 @@ def departure_halfwidth(forward, calib_x: np.ndarray, calib_truth: pd.DataFrame,
     widths = np.tile(floor, (len(bulk_x), 1))
     for j in np.flatnonzero(excess > 0):
         moved, _ = forward(calib_x + excess[j] * residual[j][None, :])
-        errors = pd.DataFrame(moved, index=calib_truth.index, columns=calib_truth.columns)
-        widths[j] = np.maximum(conformal_halfwidth(errors, calib_truth, level).to_numpy(), floor)
+        predicted = pd.DataFrame(moved, index=calib_truth.index, columns=calib_truth.columns)
+        widths[j] = np.maximum(conformal_halfwidth(predicted, calib_truth, level).to_numpy(), floor)
     frame = pd.DataFrame(widths, index=index, columns=calib_truth.columns)
     return frame, {"rms": rms, "rms_simulated": rms_simulated, "excess": excess}
 
