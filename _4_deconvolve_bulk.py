@@ -19,6 +19,9 @@ Writes:
                                                per sample for a bulk that departs from them)
     DATA_DIR/deconvolution/metrics.csv         with truth: MAE, RMSE, Pearson r, Lin's CCC, overall + per sample
     DATA_DIR/deconvolution/bulk.json           the bulk's path, unit and protocol (stage 5 conditions on it)
+    DATA_DIR/deconvolution/departure.csv       per sample: TAPE's reconstruction residual, how far the bulk departs
+                                               from the simulated bulks in its most departing genes (score,
+                                               p_value) and whether beyond every one of them (departs)
     DATA_DIR/deconvolution/config.json         the settings of this run
     FIG_DIR/proportions_scatter.png            with truth: predicted vs true with the 90 % intervals as
                                                error bars, MAE and interval coverage in the title
@@ -187,15 +190,16 @@ def calibrate_intervals(fit, reference: pd.DataFrame, gene_lengths: pd.Series, c
 
 
 def bulk_halfwidth(ckpt: dict, model, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series, halfwidth: pd.Series,
-                   n_threads: int, source: str) -> pd.DataFrame:
-    """Per-sample half-widths: the calibration's, widened for a bulk TAPE reconstructs worse than the
-    simulated bulks (another platform; intervals.departure_halfwidth), logged."""
+                   n_threads: int, source: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(per-sample half-widths: the calibration's, widened for a bulk TAPE reconstructs worse than the
+    simulated bulks (another platform; intervals.departure_halfwidth); per sample, how far the bulk departs
+    from the simulated bulks (departure.csv), or None without calibration bulks), logged."""
     calibration = tape.checkpoint_calibration(ckpt)
     index = bulk_tpm.index
     if calibration is None:
         log.info("%s has no calibration bulks (trained before they were kept): intervals from the simulated "
                  "bulks' errors alone, which a bulk from another platform exceeds; retrain to widen them", source)
-        return pd.DataFrame([halfwidth.to_numpy()] * len(index), index=index, columns=halfwidth.index)
+        return pd.DataFrame([halfwidth.to_numpy()] * len(index), index=index, columns=halfwidth.index), None
     models = model if model is not None else tape.models_from_checkpoint(ckpt)
     x = tape.model_inputs(ckpt, bulk_tpm, gene_lengths)
     widths, info = tape.departure_halfwidth(tape.reconstruction(models, n_threads), calibration[0],
@@ -204,7 +208,16 @@ def bulk_halfwidth(ckpt: dict, model, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
              "samples, %.4f on the simulated bulks; %d of %d samples depart beyond it, their intervals widened "
              "(mean half-width %.3f, simulated bulks' %.3f)", float(np.median(info["rms"])), info["rms_simulated"],
              int((info["excess"] > 0).sum()), len(index), float(widths.to_numpy().mean()), float(halfwidth.mean()))
-    return widths
+    departure = pd.DataFrame({"residual_rms": info["rms"], "score": info["score"], "p_value": info["p_value"],
+                              "departs": info["score"] > info["score_simulated_max"]}, index=index)
+    departure.index.name = "sample"
+    log.info("departure in the genes that depart most (mean squared residual over the top %.0f %% of genes, in "
+             "units of the simulated bulks' residual): median %.1f, the simulated bulks' highest %.1f; %d of %d "
+             "samples depart beyond every simulated bulk (a state the reference lacks, or another platform: "
+             "stage 5 re-reads their composition with CONDITION_COMPOSITION=auto)",
+             100 * tape.DEPARTURE_TAIL, float(np.median(info["score"])), info["score_simulated_max"],
+             int(departure["departs"].sum()), len(index))
+    return widths, departure
 
 
 def main(argv=None) -> pd.DataFrame:
@@ -286,14 +299,15 @@ def main(argv=None) -> pd.DataFrame:
     pred = order_like(pred, type_names, str(paths.tape_checkpoint))
     pred.index.name = "sample"
     halfwidth = tape.checkpoint_halfwidth(ckpt)
-    bounds = None
+    bounds = departure = None
     if halfwidth is None:
         log.warning("%s has no interval calibration (trained before it existed): no intervals written; "
                     "retrain with --RETRAIN=true to get them", paths.tape_checkpoint)
     elif cfg.ADAPTIVE:  # the adaptive stage refits the model per bulk: the departure check does not apply
         bounds = tape.intervals(pred, halfwidth)
     else:
-        widths = bulk_halfwidth(ckpt, model, bulk_tpm, gene_lengths, halfwidth, n_threads, str(paths.tape_checkpoint))
+        widths, departure = bulk_halfwidth(ckpt, model, bulk_tpm, gene_lengths, halfwidth, n_threads,
+                                           str(paths.tape_checkpoint))
         bounds = tape.intervals(pred, pd.Series(1.0, index=pred.columns), widths[pred.columns])
     if content is not None:
         weights = tape.content_weights(tape.checkpoint_library(ckpt), content, type_names)
@@ -308,6 +322,11 @@ def main(argv=None) -> pd.DataFrame:
             bound.index.name = "sample"
             io.write_table(bound, path)
         log.info("wrote %s and %s (90 %% intervals)", paths.proportions_lower, paths.proportions_upper)
+    if departure is not None:
+        io.write_table(departure.loc[pred.index], paths.departure)
+        log.info("wrote %s", paths.departure)
+    else:  # a departure table of an earlier run describes other bulks
+        paths.departure.unlink(missing_ok=True)
     # Stage 5 conditions the cells on this bulk: where it is and how it was read (its platform).
     record = {"path": str(bulk_path), "unit": cfg.BULK_UNIT, "reference_protocol": protocol,
               "protocol": bulk_report.protocol or (protocol if default_bulk else None)}

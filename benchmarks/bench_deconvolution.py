@@ -483,7 +483,9 @@ def real_part_rows(cfg, results, name, prefix, settings, reference, lengths, rea
         print(f"| {name} | {cohort} | {prefix}tape, intervals from the simulated bulks alone: coverage "
               f"{tape.coverage(*shown_plain, t_plain):.2f}; reconstruction residual rms {np.median(info['rms']):.4f} "
               f"(simulated {info['rms_simulated']:.4f}), {int((info['excess'] > 0).sum())} of {len(pred)} samples "
-              "widened | | | |", flush=True)
+              f"widened; {int((info['score'] > info['score_simulated_max']).sum())} depart beyond every simulated "
+              f"bulk in their most departing genes (score median {np.median(info['score']):.1f}, simulated highest "
+              f"{info['score_simulated_max']:.1f}) | | | |", flush=True)
         nnls = nnls_mass_corrected(reference, bulk, lengths, cfg.REFERENCE_PROTOCOL)[pred.columns]
         # TAPE's output read as RNA fractions -> cells: divided by each type's mean library size
         content = fit.library.reindex(pred.columns)

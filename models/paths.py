@@ -59,6 +59,7 @@ class Paths:
         self.proportions_upper = self.deconvolution_dir / "proportions_upper.csv"
         self.deconvolution_metrics = self.deconvolution_dir / "metrics.csv"
         self.bulk_record = self.deconvolution_dir / "bulk.json"  # the deconvolved bulk's path, unit, protocol
+        self.departure = self.deconvolution_dir / "departure.csv"  # per sample: how far it departs from the simulated bulks
         self.proportions_scatter = self.fig_dir / "proportions_scatter.png"
 
         # _5_generate_sc.py -> generated/

@@ -362,6 +362,10 @@ def test_stage4_end_to_end_then_predict_from_checkpoint(data_dir, tmp_path):
     assert ckpt["calibration_x"].dtype == torch.float16 and ckpt["calibration_x"].shape[1] == len(ckpt["genes"])
     assert ckpt["calibration_truth"].shape == (ckpt["calibration_x"].shape[0], 3)
     assert not list(paths.checkpoints_dir.glob(".tape_*")) and not list(paths.checkpoints_dir.glob("*.pth"))
+    departure = pd.read_csv(paths.departure, index_col=0)  # per sample: how far from the simulated bulks
+    assert list(departure.index) == list(written.index)
+    assert list(departure.columns) == ["residual_rms", "score", "p_value", "departs"]
+    assert departure["departs"].dtype == bool and ((departure["p_value"] > 0) & (departure["p_value"] <= 1)).all()
 
     # RETRAIN=false on a user's counts file, genes x samples, one sample, no truth.
     counts = pd.read_csv(paths.pseudobulk_counts, sep="\t", index_col=0)
@@ -373,6 +377,13 @@ def test_stage4_end_to_end_then_predict_from_checkpoint(data_dir, tmp_path):
     # the reloaded model's intervals: the same half-widths around the same point estimate
     np.testing.assert_allclose(pd.read_csv(paths.proportions_upper, index_col=0).to_numpy(), upper.iloc[[2]].to_numpy(),
                                atol=1e-6)
+    assert list(pd.read_csv(paths.departure, index_col=0).index) == list(again.index)  # this bulk's, not the last
+    # a checkpoint without calibration bulks gives no departure table: an earlier run's is removed, not left stale
+    ckpt = {k: v for k, v in ckpt.items() if not k.startswith("calibration")}
+    torch.save(ckpt, paths.tape_checkpoint)
+    stage4.main([f"--DATA_DIR={root}", f"--FIG_DIR={fig}", "--RETRAIN=false", f"--BULK={user}",
+                 "--BULK_UNIT=counts", *TINY_ARGS])
+    assert not paths.departure.exists()
 
 
 def test_stage4_ensemble_of_marker_fits_reloads_the_same(data_dir, tmp_path):
@@ -545,6 +556,45 @@ def test_a_bulk_that_departs_from_the_simulated_bulks_gets_wider_intervals():
     assert coverages["same"][1] >= 0.85
     assert widths["other"].to_numpy().mean() > 2 * halfwidth.mean()
     assert coverages["other"][0] < 0.7 and coverages["other"][1] >= 0.85  # plain intervals miss the platform
+
+
+def test_a_state_change_in_a_few_genes_departs_where_the_rms_residual_does_not():
+    """departure_scores with a known linear model: bulks like the simulated ones score within the simulated
+    bulks' own scores; bulks whose cells changed 1 % of their genes by 40 % (a state the reference lacks)
+    score above every simulated bulk, although their rms residual over all genes barely moves."""
+    rng = np.random.default_rng(1)
+    n_types, n_genes = 4, 2000
+    signature = rng.gamma(2.0, 1.0, (n_types, n_genes))
+    types = list("abcd")
+
+    def forward(x):
+        pred = np.clip(np.linalg.lstsq(signature.T, np.asarray(x).T, rcond=None)[0].T, 0.0, None)
+        pred = pred / pred.sum(axis=1, keepdims=True)
+        return pred, pred @ signature
+
+    def bulks(n, changed=None):
+        truth = rng.dirichlet(np.ones(n_types), n)
+        x = truth @ signature * np.exp(rng.normal(0.0, 0.05, (n, n_genes)))
+        if changed is not None:
+            x[:, changed] *= 1.4
+        return x, pd.DataFrame(truth, columns=types)
+
+    calib_x, calib_truth = bulks(400)
+    halfwidth = tape.conformal_halfwidth(pd.DataFrame(forward(calib_x)[0], columns=types), calib_truth)
+    changed = rng.choice(n_genes, n_genes // 100, replace=False)
+    info = {}
+    for name, genes in (("same", None), ("changed", changed)):
+        x, _ = bulks(30, genes)
+        info[name] = tape.departure_halfwidth(forward, calib_x, calib_truth, x, halfwidth)[1]
+    assert (info["same"]["score"] <= info["same"]["score_simulated_max"]).mean() >= 0.9
+    assert (info["changed"]["score"] > info["changed"]["score_simulated_max"]).all()
+    assert np.allclose(info["changed"]["p_value"], 1 / 401)
+    assert np.median(info["changed"]["rms"]) < 1.3 * info["changed"]["rms_simulated"]  # the rms hardly sees it
+    # the score is the mean squared z of the top 1 % of genes, z in units of the simulated bulks' residual
+    residual = np.zeros((1, n_genes))
+    residual[0, :20] = 3.0
+    bulk_score, _ = tape.departure_scores(np.ones((5, n_genes)), residual)
+    assert bulk_score[0] == pytest.approx(9.0, rel=1e-5)
 
 
 def test_marker_genes_are_each_types_most_specific_detected_genes():
