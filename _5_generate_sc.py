@@ -15,8 +15,9 @@ so that the expected pseudo-bulk of its cells matches the bulk ("absolute", same
 its log-ratio to a baseline ("relative", another platform: ``BULK_BASELINE`` or the samples'
 mean). The mode and why are logged. What the bulk differs by within its sampling noise is not
 fitted (``CONDITION_NOISE``). With ``CONDITION_COMPOSITION`` (absolute mode, _4_'s point
-proportions), each sample's type shares are re-estimated beside its shifts: a state shift that _4_
-read as a change of composition moves back into the shifts. ``CONDITION=none``, or ``CELL_COUNTS``
+proportions; by default for the samples whose bulk _4_ found departing beyond every bulk it simulated),
+each sample's type shares are re-estimated beside its shifts: a state shift that _4_ read as a change of
+composition moves back into the shifts. ``CONDITION=none``, or ``CELL_COUNTS``
 without ``BULK``, gives the cells of the proportions alone.
 
 Reads:
@@ -26,6 +27,8 @@ Reads:
     CELL_COUNTS                                optional cell_type,n_cells CSV (skips proportions)
     DATA_DIR/deconvolution/bulk.json           the bulk stage 4 deconvolved (path, unit, protocol), or BULK:
                                                each sample's cells are conditioned on its bulk (CONDITION)
+    DATA_DIR/deconvolution/departure.csv       the samples whose bulk departs from _4_'s simulated bulks
+                                               (CONDITION_COMPOSITION=auto re-estimates their shares)
     DATA_DIR/test/, DATA_DIR/train/            held-out cells to score against; training cells
                                                for the NB baseline (_1_), when present
 Writes (DATA_DIR/generated/, or generated/<sample>/ per bulk sample when there are several):
@@ -109,10 +112,12 @@ CONDITION_LATENT = False  # also fit a per-type latent shift through the decoder
 CONDITION_MIN_GENES = 1000  # fewer bulk genes shared with the GMVAE than this is an error
 CONDITION_NOISE = 2.0  # a gene is moved only where the bulk differs from the model by more than this many sds of
 #                       its sampling noise (fitted in full beyond twice that); 0 = fit the noise too (README)
-CONDITION_COMPOSITION = False  # absolute mode, counts from _4_'s point proportions: re-estimate each sample's type
-#                               shares beside its shifts, for bulks in a state the reference lacks, which _4_ reads
-#                               partly as composition (Kang stimulated: MAE 0.061 -> 0.049; but Zheng's same-state
-#                               pseudo-bulks 0.024 -> 0.040, similar T subtypes drift: off by default; README)
+CONDITION_COMPOSITION = "auto"  # absolute mode, counts from _4_'s point proportions: re-estimate a sample's type
+#                                shares beside its shifts. "auto": the samples whose bulk _4_ found departing beyond
+#                                every simulated bulk (deconvolution/departure.csv: a state the reference lacks, which
+#                                _4_ reads partly as composition; Kang stimulated: MAE 0.061 -> 0.049); "true": every
+#                                sample (on bulks in the reference's own state it is worse: Zheng 0.024 -> 0.040);
+#                                "false": keep _4_'s shares (README)
 CONDITION_LIBRARY = 0.0  # weight keeping each type's expected library size (total count per cell) as the reference's
 #                         (genes that rise take their share from the others); 0 = free (README)
 # -----------------------------------------------------------------------------
@@ -120,6 +125,7 @@ CONDITION_LIBRARY = 0.0  # weight keeping each type's expected library size (tot
 BASELINE_STREAM = 1_000_000  # RNG streams of the NB baseline: apart from the GMVAE's (one per sample)
 CONDITION_STREAM = 2_000_000  # RNG streams of the conditioning's z draws and its pi check
 COMPOSITION_ROUNDS = 3  # CONDITION_COMPOSITION: re-estimates of the shares, each followed by a warm refit of the shifts
+COMPOSITION_CHOICES = {"auto": "auto", "true": "all", "all": "all", "false": "none", "none": "none"}
 
 
 def safe_name(name: str) -> str:
@@ -218,14 +224,14 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
         if "cell_type" in labels:
             reference_cells = labels["cell_type"].astype(str).value_counts().reindex(
                 [str(t) for t in counts.columns], fill_value=0).to_numpy()
-    refit = composition_refit(cfg, mode)
+    recompose = composition_refit(cfg, paths, mode, counts.index, record is not None)
     settings = condition.ConditionSettings(latent=cfg.CONDITION_LATENT, type_penalty=cfg.CONDITION_TYPE_PENALTY,
                                            noise_threshold=cfg.CONDITION_NOISE, library_weight=cfg.CONDITION_LIBRARY,
-                                           composition_rounds=COMPOSITION_ROUNDS if refit else 0)
+                                           composition_rounds=COMPOSITION_ROUNDS if recompose is not None else 0)
     fits = condition.fit_conditions(model, counts.to_numpy(), profiles, shared, mode,
                                     generate.block_generator(cfg.SEED, CONDITION_STREAM, 0), settings,
                                     cfg.NOISE_SCALE, prior, calibrate, baseline=baseline, depths=depths,
-                                    reference_cells=reference_cells)
+                                    reference_cells=reference_cells, recompose=recompose)
     for sample, fit in zip(counts.index, fits):
         log.info("sample %s: r(bulk, generated pseudo-bulk) %.4f -> %.4f over %d genes, %d of them beyond their "
                  "sampling noise (%.1f s)", sample, fit.r_before, fit.r_after, int(shared.sum()),
@@ -233,27 +239,76 @@ def fit_conditioning(cfg, paths: Paths, model, genes, counts: pd.DataFrame, prio
         if not fit.converged:
             log.warning("sample %s: the conditioning did not converge (mean squared log residual %.4g)",
                         sample, fit.residual)
-    if refit:
+    if recompose is not None:
         counts = reapportion(counts, fits)
     return dict(zip([str(s) for s in counts.index], fits)), counts
 
 
-def composition_refit(cfg, mode: str) -> bool:
-    """Whether the shares are re-estimated with the shifts (CONDITION_COMPOSITION), logged with why not."""
-    if not cfg.CONDITION_COMPOSITION:
-        return False
+def composition_choice(value) -> str:
+    """CONDITION_COMPOSITION as "auto", "all" or "none" (True/"true" = all, False/"false" = none)."""
+    key = str(value).strip().lower()
+    if key not in COMPOSITION_CHOICES:
+        raise InputError(f"CONDITION_COMPOSITION must be auto, true or false, got {value!r}")
+    return COMPOSITION_CHOICES[key]
+
+
+def composition_refit(cfg, paths: Paths, mode: str, samples, from_stage4: bool) -> np.ndarray | None:
+    """Which samples' shares are re-estimated with the shifts (CONDITION_COMPOSITION): a bool per sample, or
+    None for none, logged with why. "auto" takes the samples that _4_ found departing beyond every simulated
+    bulk (``deconvolution/departure.csv``, written with the bulk stage 5 conditions on: ``from_stage4``)."""
+    choice = composition_choice(cfg.CONDITION_COMPOSITION)
+    if choice == "none":
+        return None
     why_not = ("the bulk is from another platform (relative mode): its shares stay _4_'s" if mode != "absolute" else
                "CELL_COUNTS fixes the cells" if cfg.CELL_COUNTS else
                "COUNTS_FROM=draw draws them from _4_'s intervals" if cfg.COUNTS_FROM != "point" else "")
+    if not why_not and choice == "auto":
+        departure = read_departure(paths.departure) if from_stage4 and paths.departure.exists() else None
+        if departure is None:
+            why_not = (f"CONDITION_COMPOSITION=auto re-reads the bulks that _4_ found departing from its simulated "
+                       f"bulks, and {paths.departure} {'is missing' if from_stage4 else 'describes another bulk'} "
+                       "(rerun _4_deconvolve_bulk.py on this bulk, or set CONDITION_COMPOSITION=true or false)")
+        else:
+            departs = departure["departs"].set_axis(departure.index.astype(str)).reindex([str(s) for s in samples])
+            if departs.isna().any():
+                why_not = (f"{paths.departure} lacks samples {list(departs.index[departs.isna()])[:5]} "
+                           "(rerun _4_deconvolve_bulk.py on this bulk)")
+            elif not departs.any():
+                why_not = (f"no sample departs from _4_'s simulated bulks ({paths.departure}): _4_'s reading of "
+                           "bulks like those it was trained on is kept")
+            else:
+                log.info("composition re-estimated with the shifts for the %d of %d samples that depart beyond "
+                         "every bulk _4_ simulated (%s): %s", int(departs.sum()), len(departs), paths.departure,
+                         ", ".join(list(departs.index[departs.to_numpy(bool)])[:10]))
+                return departs.to_numpy(bool)
     if why_not:
         log.info("composition kept as given: %s", why_not)
-    return not why_not
+        return None
+    return np.ones(len(samples), dtype=bool)
+
+
+def read_departure(path: Path) -> pd.DataFrame:
+    """_4_'s departure.csv (sample index; a bool column ``departs``), or an error naming the file and the fix."""
+    try:
+        departure = pd.read_csv(path, index_col=0)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        departure, problem = None, f"cannot be read ({err})"
+    else:
+        problem = ("has no column 'departs'" if "departs" not in departure else
+                   "has a 'departs' column that is not True/False" if departure["departs"].dtype != bool else "")
+    if departure is None or problem:
+        raise InputError(f"{path} {problem}: rerun _4_deconvolve_bulk.py on this bulk to write it again, or set "
+                         "CONDITION_COMPOSITION=true or false, which do not read it")
+    return departure
 
 
 def reapportion(counts: pd.DataFrame, fits) -> pd.DataFrame:
     """Each sample's cells split by the composition re-estimated beside its shifts (same total), logged."""
     rows = []
     for sample, fit in zip(counts.index, fits):
+        if fit.composition is None:  # kept as given
+            rows.append(counts.loc[sample].to_numpy())
+            continue
         before = counts.loc[sample] / counts.loc[sample].sum()
         after = pd.Series(fit.composition.numpy().astype(np.float64), index=counts.columns)
         fit.diagnostics["composition_before"] = {str(t): float(v) for t, v in before.items()}
@@ -365,6 +420,7 @@ def generate_all(cfg, ctx) -> dict:
         set_torch_threads(max(1, threads // ctx.local_world_size))
     if cfg.CHUNK_CELLS <= 0:
         raise InputError(f"CHUNK_CELLS must be positive, got {cfg.CHUNK_CELLS}")
+    composition_choice(cfg.CONDITION_COMPOSITION)  # a bad value fails before any work
     device = ctx.device
 
     model, meta = load_gmvae(paths.gmvae_checkpoint, device)

@@ -238,7 +238,7 @@ def stage4(root: Path, work: Path, bulk: Path, truth: pd.DataFrame, reuse: bool 
         if set(truth.index) <= set(predicted.index.astype(str)):
             metrics = proportion_metrics(predicted.loc[truth.index, truth.columns], truth)
             print(f"_4_'s proportions of an earlier run reused (--reuse-stage4): MAE "
-                  f"{metrics.loc['overall', 'mae']:.4f}", flush=True)
+                  f"{metrics.loc['overall', 'mae']:.4f}; {departing(paths)}", flush=True)
             return
     paths.gene_length.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(SHARED / "gene_length_hg19.csv.gz", paths.gene_length.with_name("GeneLength.txt.gz"))
@@ -251,7 +251,17 @@ def stage4(root: Path, work: Path, bulk: Path, truth: pd.DataFrame, reuse: bool 
     predicted = pd.read_csv(paths.proportions, index_col=0)
     metrics = proportion_metrics(predicted.loc[truth.index, truth.columns], truth)
     print(f"_2_ {wall2:.0f} s, _4_ (TAPE) {wall4:.0f} s on the {len(truth)} bulks; stage 4's proportions vs the "
-          f"truth: MAE {metrics.loc['overall', 'mae']:.4f}; bulk.json: {paths.bulk_record.read_text()}", flush=True)
+          f"truth: MAE {metrics.loc['overall', 'mae']:.4f}; {departing(paths)}; bulk.json: "
+          f"{paths.bulk_record.read_text()}", flush=True)
+
+
+def departing(paths) -> str:
+    """How many bulks _4_ found departing beyond every simulated bulk (stage 5 re-reads their composition)."""
+    if not paths.departure.exists():
+        return "no departure.csv (a _4_ run from before it existed: stage 5 keeps every composition)"
+    departure = pd.read_csv(paths.departure, index_col=0)
+    return (f"{int(departure['departs'].sum())} of {len(departure)} bulks depart beyond every simulated bulk "
+            f"(score median {departure['score'].median():.1f})")
 
 
 def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, variants=VARIANTS,

@@ -76,7 +76,8 @@ class ConditionSettings:
     library_weight: float = 0.0  # x mean_sk (log change of type k's expected library in sample s)^2; 0 = free
     noise_gamma: float = 2.0  # ... and in full beyond gamma x that many (MCP, gamma > 1; a linear ramp between)
     composition_rounds: int = 0  # absolute mode: re-estimate each sample's type shares with the shifts this many times
-    composition_steps: int = 300  # Adam steps of each re-estimate, and of the warm refit of the shifts after it
+    composition_steps: int = 200  # Adam steps of each re-estimate, and of the warm refit of the shifts after it (300:
+    #                               the same Kang composition, MAE 0.0461 against 0.0462, 1.4x the time)
 
 
 @dataclass
@@ -455,7 +456,7 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
                    noise_scale: float = 1.0, prior: str = "posterior", calibrate: bool = True,
                    baseline: np.ndarray | None = None, baseline_cells: np.ndarray | None = None,
                    depths: np.ndarray | None = None, reference_cells: np.ndarray | None = None,
-                   ) -> list[SampleCondition]:
+                   recompose: np.ndarray | None = None) -> list[SampleCondition]:
     """Fit every sample's conditioning; one :class:`SampleCondition` per row of ``profiles``.
 
     model: the frozen GMVAE (CPU; its parameters are set to requires_grad=False); cells: [S, K]
@@ -467,7 +468,9 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
     ``calibrate``: the sampler's, so the fit sees the cells that will be drawn. ``depths`` [S]:
     each bulk's total count over the shared genes when it is in counts (its Poisson noise); None
     (CPM, TPM): the depth the model expects of ``cells``. ``reference_cells`` [K]: the training
-    cells per type (the model's own sampling error; None: left out). The sampling noise of each bulk
+    cells per type (the model's own sampling error; None: left out). ``recompose`` [S] bool: the samples
+    whose shares ``settings.composition_rounds`` re-estimates (None: all); the others keep theirs (their
+    ``composition`` is None). The sampling noise of each bulk
     (:func:`log_profile_noise`, of ``cells`` at ``depths``) is thresholded away from the targets
     before the fit (:func:`denoise_targets`, ``settings.noise_threshold``); r before and after and
     the residual are against the bulk itself.
@@ -533,7 +536,10 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
     rounds = settings.composition_rounds if mode == "absolute" else 0
     moves = torch.zeros(0, n_samples)  # [rounds, S] mean |change| of each sample's shares per round
     accepted = torch.zeros(n_samples, dtype=torch.long)  # rounds kept per sample
-    active = torch.ones(n_samples, dtype=torch.bool)
+    active = (torch.ones(n_samples, dtype=torch.bool) if recompose is None else
+              torch.as_tensor(np.asarray(recompose, dtype=bool)).reshape(n_samples))
+    if not bool(active.any()):
+        rounds = 0
     for round_ in range(rounds):
         # each sample's shares under the shifts that the samples share (the common factor, the type deviations):
         # a composition error that a sample's own gene factor would otherwise absorb is left to its shares
@@ -569,7 +575,8 @@ def fit_conditions(model, cells: np.ndarray, profiles: np.ndarray, shared: np.nd
             z_shift=z_shifts[s], log_mean_shift=gene_shift[s], log_fold_change=log_means[s] - unshifted_means,
             r_before=pearson(unshifted[s][shared_t], targets[s][shared_t]),
             r_after=pearson(conditioned[s][shared_t], targets[s][shared_t]),
-            residual=residual, converged=converged, composition=composition[s].clone() if rounds else None,
+            residual=residual, converged=converged,
+            composition=composition[s].clone() if rounds and (recompose is None or recompose[s]) else None,
             diagnostics={"mode": mode, "n_shared_genes": int(shared_t.sum()), "seconds": seconds / n_samples,
                          "mean_abs_log_fold_change": float((log_means[s] - unshifted_means).abs().mean()),
                          "noise_threshold": settings.noise_threshold,

@@ -298,3 +298,34 @@ def test_stage5_re_estimated_composition_is_generated_and_written(tmp_path):
     assert not (kept.generated_dir / "composition.csv").exists()
     counts = pd.read_csv(kept.generated_dir / "s1" / "clusters.csv")["cell_type"].value_counts()
     assert counts.to_dict() == {"A": 60, "B": 36, "C": 24}  # _4_'s 0.5 / 0.3 / 0.2 of 120
+
+
+def test_stage5_auto_re_estimates_only_the_samples_that_depart_from_stage4s_simulated_bulks(tmp_path):
+    paths = stage5_dir(tmp_path / "auto", with_bulk=True)
+    pd.DataFrame({"residual_rms": [0.03, 0.09], "score": [10.0, 60.0], "p_value": [0.3, 1 / 401],
+                  "departs": [False, True]}, index=pd.Index(["s1", "s2"], name="sample")).to_csv(paths.departure)
+    run_stage5(paths, "--FIGURES=false")
+    fits = json.loads(paths.generated_metrics.read_text())["condition"]
+    assert "composition_before" not in fits["s1"] and "composition_before" in fits["s2"]
+    s1 = pd.read_csv(paths.generated_dir / "s1" / "clusters.csv")["cell_type"].value_counts()
+    assert s1.to_dict() == {"A": 60, "B": 36, "C": 24}  # s1 is like _4_'s simulated bulks: its shares are kept
+    composition = pd.read_csv(paths.generated_dir / "composition.csv", index_col=0)
+    s2 = pd.read_csv(paths.generated_dir / "s2" / "clusters.csv")["cell_type"].value_counts()
+    assert np.allclose(s2.reindex(composition.columns, fill_value=0) / 120, composition.loc["s2"])
+    assert list(fits["s2"]["composition_after"].values()) != pytest.approx([0.2, 0.2, 0.6], abs=1e-3)
+    # every sample with true; none with false, as with a departure table of another bulk (BULK given to _5_)
+    every = stage5_dir(tmp_path / "every", with_bulk=True)
+    run_stage5(every, "--FIGURES=false", "--CONDITION_COMPOSITION=true")
+    assert all("composition_before" in fit for fit in json.loads(every.generated_metrics.read_text())["condition"].values())
+    other = stage5_dir(tmp_path / "other", with_bulk=True)
+    paths.departure.replace(other.departure)
+    run_stage5(other, "--FIGURES=false", f"--BULK={tmp_path / 'auto' / 'bulk.csv'}")
+    assert not (other.generated_dir / "composition.csv").exists()
+    with pytest.raises(InputError, match="CONDITION_COMPOSITION"):
+        run_stage5(other, "--CONDITION_COMPOSITION=sometimes")
+    # a damaged departure table is an error naming it, before any cells are written
+    broken = stage5_dir(tmp_path / "broken", with_bulk=True)
+    broken.departure.write_text("sample,departs\ns1,maybe\ns2,yes\n")
+    with pytest.raises(InputError, match="departure.csv.*not True/False.*rerun _4_"):
+        run_stage5(broken, "--FIGURES=false")
+    assert not broken.generated_dir.exists()
