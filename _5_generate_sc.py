@@ -263,7 +263,10 @@ def composition_refit(cfg, paths: Paths, mode: str, samples, from_stage4: bool) 
                "CELL_COUNTS fixes the cells" if cfg.CELL_COUNTS else
                "COUNTS_FROM=draw draws them from _4_'s intervals" if cfg.COUNTS_FROM != "point" else "")
     if not why_not and choice == "auto":
-        departure = read_departure(paths.departure) if from_stage4 and paths.departure.exists() else None
+        from models.deconvolution import read_departure
+
+        departure = (read_departure(paths.departure, "CONDITION_COMPOSITION=true or false, which do not read it")
+                     if from_stage4 and paths.departure.exists() else None)
         if departure is None:
             why_not = (f"CONDITION_COMPOSITION=auto re-reads the bulks that _4_ found departing from its simulated "
                        f"bulks, and {paths.departure} {'is missing' if from_stage4 else 'describes another bulk'} "
@@ -285,21 +288,6 @@ def composition_refit(cfg, paths: Paths, mode: str, samples, from_stage4: bool) 
         log.info("composition kept as given: %s", why_not)
         return None
     return np.ones(len(samples), dtype=bool)
-
-
-def read_departure(path: Path) -> pd.DataFrame:
-    """_4_'s departure.csv (sample index; a bool column ``departs``), or an error naming the file and the fix."""
-    try:
-        departure = pd.read_csv(path, index_col=0)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        departure, problem = None, f"cannot be read ({err})"
-    else:
-        problem = ("has no column 'departs'" if "departs" not in departure else
-                   "has a 'departs' column that is not True/False" if departure["departs"].dtype != bool else "")
-    if departure is None or problem:
-        raise InputError(f"{path} {problem}: rerun _4_deconvolve_bulk.py on this bulk to write it again, or set "
-                         "CONDITION_COMPOSITION=true or false, which do not read it")
-    return departure
 
 
 def reapportion(counts: pd.DataFrame, fits) -> pd.DataFrame:

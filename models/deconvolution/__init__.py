@@ -56,4 +56,5 @@ from models.deconvolution.tape import (  # noqa: F401
 from models.deconvolution.content import content_weights, read_cell_content, reference_library, to_cell_content  # noqa: F401
 from models.deconvolution.signature import nnls_proportions  # noqa: F401
 from models.deconvolution.intervals import (DEPARTURE_TAIL, LEVEL, conformal_halfwidth, coverage,  # noqa: F401
-                                             departure_halfwidth, departure_scores, ensemble_scale, intervals)
+                                             departure_halfwidth, departure_scores, ensemble_scale, intervals,
+                                             read_departure)

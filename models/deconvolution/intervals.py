@@ -131,3 +131,21 @@ def coverage(lower: pd.DataFrame, upper: pd.DataFrame, truth: pd.DataFrame) -> f
     """Share of (sample, type) pairs whose truth lies in [lower, upper] (pairs of lower's frame)."""
     t = truth.loc[lower.index, lower.columns].to_numpy()
     return float(((t >= lower.to_numpy() - 1e-12) & (t <= upper.to_numpy() + 1e-12)).mean())
+
+
+def read_departure(path, alternative: str) -> pd.DataFrame:
+    """_4_'s departure.csv (sample index; a bool column ``departs``), or an InputError naming the file, the
+    problem and the fix (rerun _4_, or ``alternative``)."""
+    from models.utils import InputError
+
+    try:
+        departure = pd.read_csv(path, index_col=0)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        departure, problem = None, f"cannot be read ({err})"
+    else:
+        problem = ("has no column 'departs'" if "departs" not in departure else
+                   "has a 'departs' column that is not True/False" if departure["departs"].dtype != bool else "")
+    if departure is None or problem:
+        raise InputError(f"{path} {problem}: rerun _4_deconvolve_bulk.py on this bulk to write it again, or set "
+                         f"{alternative}")
+    return departure
