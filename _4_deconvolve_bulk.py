@@ -205,7 +205,8 @@ def bulk_halfwidth(ckpt: dict, model, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
     widths, info = tape.departure_halfwidth(tape.reconstruction(models, n_threads), calibration[0],
                                             calibration[1], x, halfwidth, index=index)
     log.info("TAPE's reconstruction residual (rms over genes, in its input scale): median %.4f over the bulk's "
-             "samples, %.4f on the simulated bulks; %d of %d samples depart beyond it, their intervals widened "
+             "samples, %.4f on the simulated bulks; %d of %d samples exceed it or depart in a few genes (below), their "
+             "intervals widened "
              "(mean half-width %.3f, simulated bulks' %.3f)", float(np.median(info["rms"])), info["rms_simulated"],
              int((info["excess"] > 0).sum()), len(index), float(widths.to_numpy().mean()), float(halfwidth.mean()))
     departure = pd.DataFrame({"residual_rms": info["rms"], "score": info["score"], "p_value": info["p_value"],

@@ -519,25 +519,32 @@ def test_intervals_cover_simulated_truth_at_the_nominal_level(fitted, inputs, tm
     assert tape.coverage(*tape.intervals(test_pred, halfwidth / 2), test_truth) < 0.8
 
 
-def test_a_bulk_that_departs_from_the_simulated_bulks_gets_wider_intervals():
-    """departure_halfwidth with a known linear model (x = proportions @ signature, read back by least
-    squares): bulks like the calibration ones keep its half-width; bulks of another platform (every gene
-    x a fixed factor, so the model cannot reconstruct them) get wider intervals that cover their truth."""
-    rng = np.random.default_rng(0)
-    n_types, n_genes = 4, 300
-    signature = rng.gamma(1.0, 1.0, (n_types, n_genes))
-    types = list("abcd")
+def linear_deconvolver(rng, n_genes: int, shape: float, n_types: int = 4):
+    """A known linear model for the interval tests: (forward: x -> (proportions read back by least squares,
+    their reconstruction), bulks(n, factor=None) -> (x = truth @ signature with 5 % sampling noise, times a
+    per-gene ``factor`` if given; truth), the type names)."""
+    signature = rng.gamma(shape, 1.0, (n_types, n_genes))
+    types = list("abcdefgh"[:n_types])
 
     def forward(x):
         pred = np.clip(np.linalg.lstsq(signature.T, np.asarray(x).T, rcond=None)[0].T, 0.0, None)
         pred = pred / pred.sum(axis=1, keepdims=True)
         return pred, pred @ signature
 
-    def bulks(n, platform=None):
+    def bulks(n, factor=None):
         truth = rng.dirichlet(np.ones(n_types), n)
         x = truth @ signature * np.exp(rng.normal(0.0, 0.05, (n, n_genes)))  # sampling noise
-        return (x if platform is None else x * platform), pd.DataFrame(truth, columns=types)
+        return (x if factor is None else x * factor), pd.DataFrame(truth, columns=types)
+    return forward, bulks, types
 
+
+def test_a_bulk_that_departs_from_the_simulated_bulks_gets_wider_intervals():
+    """departure_halfwidth with a known linear model (x = proportions @ signature, read back by least
+    squares): bulks like the calibration ones keep its half-width; bulks of another platform (every gene
+    x a fixed factor, so the model cannot reconstruct them) get wider intervals that cover their truth."""
+    rng = np.random.default_rng(0)
+    n_genes = 300
+    forward, bulks, types = linear_deconvolver(rng, n_genes, 1.0)
     calib_x, calib_truth = bulks(400)
     halfwidth = tape.conformal_halfwidth(pd.DataFrame(forward(calib_x)[0], columns=types), calib_truth)
     platform = np.exp(rng.normal(0.0, 0.5, n_genes))
@@ -563,31 +570,24 @@ def test_a_state_change_in_a_few_genes_departs_where_the_rms_residual_does_not()
     bulks' own scores; bulks whose cells changed 1 % of their genes by 40 % (a state the reference lacks)
     score above every simulated bulk, although their rms residual over all genes barely moves."""
     rng = np.random.default_rng(1)
-    n_types, n_genes = 4, 2000
-    signature = rng.gamma(2.0, 1.0, (n_types, n_genes))
-    types = list("abcd")
-
-    def forward(x):
-        pred = np.clip(np.linalg.lstsq(signature.T, np.asarray(x).T, rcond=None)[0].T, 0.0, None)
-        pred = pred / pred.sum(axis=1, keepdims=True)
-        return pred, pred @ signature
-
-    def bulks(n, changed=None):
-        truth = rng.dirichlet(np.ones(n_types), n)
-        x = truth @ signature * np.exp(rng.normal(0.0, 0.05, (n, n_genes)))
-        if changed is not None:
-            x[:, changed] *= 1.4
-        return x, pd.DataFrame(truth, columns=types)
-
+    n_genes = 2000
+    forward, bulks, types = linear_deconvolver(rng, n_genes, 2.0)
     calib_x, calib_truth = bulks(400)
     halfwidth = tape.conformal_halfwidth(pd.DataFrame(forward(calib_x)[0], columns=types), calib_truth)
-    changed = rng.choice(n_genes, n_genes // 100, replace=False)
-    info = {}
-    for name, genes in (("same", None), ("changed", changed)):
-        x, _ = bulks(30, genes)
-        info[name] = tape.departure_halfwidth(forward, calib_x, calib_truth, x, halfwidth)[1]
+    changed = np.ones(n_genes)
+    changed[rng.choice(n_genes, n_genes // 100, replace=False)] = 1.4
+    info, coverages = {}, {}
+    for name, factor in (("same", None), ("changed", changed)):
+        x, truth = bulks(30, factor)
+        widths, info[name] = tape.departure_halfwidth(forward, calib_x, calib_truth, x, halfwidth)
+        pred = pd.DataFrame(forward(x)[0], columns=types)
+        coverages[name] = (tape.coverage(*tape.intervals(pred, halfwidth), truth),
+                           tape.coverage(*tape.intervals(pred, pd.Series(1.0, index=types), widths), truth))
     assert (info["same"]["score"] <= info["same"]["score_simulated_max"]).mean() >= 0.9
     assert (info["changed"]["score"] > info["changed"]["score_simulated_max"]).all()
+    assert (info["changed"]["excess"] == 1.0).all()  # their residual is added whole to the simulated bulks
+    assert coverages["same"][1] == coverages["same"][0]  # like the simulated bulks: the same intervals
+    assert coverages["changed"][1] >= 0.9 > coverages["changed"][0]  # 0.87 -> 0.94
     assert np.allclose(info["changed"]["p_value"], 1 / 401)
     assert np.median(info["changed"]["rms"]) < 1.3 * info["changed"]["rms_simulated"]  # the rms hardly sees it
     # the score is the mean squared z of the top 1 % of genes, z in units of the simulated bulks' residual
