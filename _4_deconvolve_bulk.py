@@ -25,6 +25,7 @@ Writes:
     DATA_DIR/deconvolution/config.json         the settings of this run
     FIG_DIR/proportions_scatter.png            with truth: predicted vs true with the 90 % intervals as
                                                error bars, MAE and interval coverage in the title
+    FIG_DIR/departure.png                      each sample's departure score against the simulated bulks'
 
 Run:
     python _4_deconvolve_bulk.py                                   # train, then deconvolve _2_'s pseudo-bulks
@@ -173,6 +174,37 @@ def scatter_figure(pred: pd.DataFrame, truth: pd.DataFrame, mae: float, path,
         fig.savefig(tmp, format="png", dpi=120)
 
 
+def departure_figure(departure: pd.DataFrame, simulated_scores: np.ndarray, path) -> None:
+    """Each sample's departure score (departure.csv) against the simulated bulks' own: a histogram of
+    theirs, a mark per sample (red where it departs beyond every simulated bulk), log x axis."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    scores = departure["score"].to_numpy(float)
+    low = max(min(scores.min(), simulated_scores.min()) * 0.8, 1e-3)
+    high = max(scores.max(), simulated_scores.max()) * 1.25
+    ax.hist(simulated_scores, bins=np.geomspace(low, high, 40), color="0.75", label="simulated bulks (TAPE's kind)")
+    ax.axvline(simulated_scores.max(), color="0.3", ls="--", lw=1, label="highest simulated")
+    departs = departure["departs"].to_numpy(bool)
+    for mask, colour, label in ((~departs, "tab:blue", "sample"), (departs, "tab:red", "sample that departs")):
+        if mask.any():
+            ax.plot(scores[mask], np.zeros(mask.sum()), "|", ms=18, mew=1.5, color=colour, label=label,
+                    transform=ax.get_xaxis_transform())
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel="departure score (mean squared z, top 1 % of genes)", ylabel="simulated bulks",
+           title=f"{int(departs.sum())} of {len(departs)} samples depart from the bulks TAPE was trained on")
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
 def calibrate_intervals(fit, reference: pd.DataFrame, gene_lengths: pd.Series, cfg, paths: Paths,
                         n_threads: int) -> pd.Series:
     """Per-type half-width of the 90 % intervals: TAPE's errors on simulated bulks with known truth."""
@@ -212,6 +244,7 @@ def bulk_halfwidth(ckpt: dict, model, bulk_tpm: pd.DataFrame, gene_lengths: pd.S
     departure = pd.DataFrame({"residual_rms": info["rms"], "score": info["score"], "p_value": info["p_value"],
                               "departs": info["score"] > info["score_simulated_max"]}, index=index)
     departure.index.name = "sample"
+    departure.attrs["scores_simulated"] = info["scores_simulated"]  # for the figure
     log.info("departure in the genes that depart most (mean squared residual over the top %.0f %% of genes, in "
              "units of the simulated bulks' residual): median %.1f, the simulated bulks' highest %.1f; %d of %d "
              "samples depart beyond every simulated bulk (a state the reference lacks, or another platform: "
@@ -325,7 +358,8 @@ def main(argv=None) -> pd.DataFrame:
         log.info("wrote %s and %s (90 %% intervals)", paths.proportions_lower, paths.proportions_upper)
     if departure is not None:
         io.write_table(departure.loc[pred.index], paths.departure)
-        log.info("wrote %s", paths.departure)
+        departure_figure(departure, departure.attrs["scores_simulated"], paths.departure_figure)
+        log.info("wrote %s and %s", paths.departure, paths.departure_figure)
     else:  # a departure table of an earlier run describes other bulks
         paths.departure.unlink(missing_ok=True)
     # Stage 5 conditions the cells on this bulk: where it is and how it was read (its platform).

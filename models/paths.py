@@ -61,6 +61,7 @@ class Paths:
         self.bulk_record = self.deconvolution_dir / "bulk.json"  # the deconvolved bulk's path, unit, protocol
         self.departure = self.deconvolution_dir / "departure.csv"  # per sample: how far it departs from the simulated bulks
         self.proportions_scatter = self.fig_dir / "proportions_scatter.png"
+        self.departure_figure = self.fig_dir / "departure.png"  # departure.csv's scores against the simulated bulks'
 
         # _5_generate_sc.py -> generated/
         self.generated_dir = self.data_dir / "generated"

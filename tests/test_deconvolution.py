@@ -366,6 +366,7 @@ def test_stage4_end_to_end_then_predict_from_checkpoint(data_dir, tmp_path):
     assert list(departure.index) == list(written.index)
     assert list(departure.columns) == ["residual_rms", "score", "p_value", "departs"]
     assert departure["departs"].dtype == bool and ((departure["p_value"] > 0) & (departure["p_value"] <= 1)).all()
+    assert paths.departure_figure.stat().st_size > 1000
 
     # RETRAIN=false on a user's counts file, genes x samples, one sample, no truth.
     counts = pd.read_csv(paths.pseudobulk_counts, sep="\t", index_col=0)

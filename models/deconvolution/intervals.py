@@ -72,7 +72,8 @@ def departure_halfwidth(forward, calib_x: np.ndarray, calib_truth: pd.DataFrame,
 
     forward: x [n, genes] (the model's input scale) -> (proportions [n, K], reconstruction [n, genes]);
     calib_truth: the simulated bulks' true proportions (columns = the model's types).
-    Returns (half-widths, {"rms": per-sample residual rms, "rms_simulated", "excess": per-sample factor}).
+    Returns (half-widths, {"rms": per-sample residual rms, "rms_simulated", "excess": per-sample factor,
+    "score", "scores_simulated", "score_simulated_max", "p_value": :func:`departure_scores` and its p-value}).
     """
     calib_x = np.asarray(calib_x, np.float64)
     bulk_x = np.asarray(bulk_x, np.float64)
@@ -94,7 +95,7 @@ def departure_halfwidth(forward, calib_x: np.ndarray, calib_truth: pd.DataFrame,
         widths[j] = np.maximum(conformal_halfwidth(predicted, calib_truth, level).to_numpy(), floor)
     frame = pd.DataFrame(widths, index=index, columns=calib_truth.columns)
     return frame, {"rms": rms, "rms_simulated": rms_simulated, "excess": excess, "score": score,
-                   "score_simulated_max": float(simulated_scores.max()),
+                   "score_simulated_max": float(simulated_scores.max()), "scores_simulated": simulated_scores,
                    "p_value": (1.0 + (simulated_scores[None, :] >= score[:, None]).sum(1)) / (1.0 + len(simulated_scores))}
 
 
