@@ -43,6 +43,7 @@ def run_stage(main, argv=None) -> None:
     logger = logging.getLogger("bulk2sc")
     try:
         main(argv)
+        exit_torchrun_rank()
     except InputError as err:
         logger.error("%s", one_line(err))
         raise SystemExit(1) from None
@@ -53,6 +54,20 @@ def run_stage(main, argv=None) -> None:
         logger.error("cannot access %s: %s; make DATA_DIR (and FIG_DIR) writable, with free space, or "
                      "choose another folder with --DATA_DIR=...", where, _USER_OS_ERRORS[err.errno])
         raise SystemExit(1) from None
+
+
+def exit_torchrun_rank() -> None:
+    """End a torchrun rank whose work is done and written (WORLD_SIZE > 1; otherwise nothing): flush the logs
+    and streams, then os._exit(0). Interpreter teardown is skipped, because there gloo's worker threads can
+    still be joinable and abort the rank after its process group was destroyed ("terminate called without
+    an active exception", exit status -6: seen in 2 of about 8 CI runs of tests/test_distributed.py;
+    pytorch/pytorch#179291). Every output is written atomically and closed before this point."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -58,6 +58,22 @@ def written(audit: Path) -> dict[str, set[str]]:
 
 
 # ----------------------------------------------------------------------------- sharding
+@pytest.mark.parametrize("world_size", ["2", None])
+def test_a_finished_torchrun_rank_leaves_without_interpreter_teardown(world_size):
+    """run_stage ends a torchrun rank (WORLD_SIZE > 1) with os._exit(0) once main returns: its logs are flushed,
+    and nothing after it runs (no teardown for gloo's threads to abort in); a single process returns as usual."""
+    code = ("import atexit, logging, sys; from models.utils import run_stage, setup_logging; "
+            "atexit.register(lambda: print('teardown ran', flush=True)); "
+            "run_stage(lambda argv: (setup_logging(), logging.getLogger('bulk2sc').info('stage done'))); "
+            "print('returned', flush=True)")
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    if world_size:
+        env["WORLD_SIZE"] = world_size
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "stage done" in done.stderr
+    assert ("returned" in done.stdout and "teardown ran" in done.stdout) == (world_size is None)
+
+
 def test_shards_are_disjoint_equal_and_seeded_per_epoch():
     rows = np.arange(103) * 2
     shards = [distributed.shard_order(rows, 7, 1, rank, 3) for rank in range(3)]

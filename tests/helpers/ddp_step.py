@@ -20,6 +20,7 @@ from models import distributed  # noqa: E402
 from models.gmvae import GMVAE  # noqa: E402
 from models.streaming import InMemoryCells, train_batches  # noqa: E402
 from models.train import make_optimizer, train_steps, warm_up_steps  # noqa: E402
+from models.utils import exit_torchrun_rank  # noqa: E402
 
 SEED, EPOCH, BATCH = 3, 1, 16
 CONFIG = dict(n_genes=40, n_types=3, z_dim=4, enc_hidden1=16, enc_hidden2=8, cls_hidden=16, prior_hidden=8,
@@ -57,3 +58,4 @@ def main(out: str, phase: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    exit_torchrun_rank()  # as the stages do (run_stage): no interpreter teardown for gloo's threads to abort
