@@ -178,6 +178,7 @@ def departure_figure(departure: pd.DataFrame, simulated_scores: np.ndarray, path
     """Each sample's departure score (departure.csv) against the simulated bulks' own: a histogram of
     theirs, a mark per sample (red where it departs beyond every simulated bulk), log x axis."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     fig = Figure(figsize=(6, 3.2))
     ax = fig.subplots()
@@ -191,8 +192,6 @@ def departure_figure(departure: pd.DataFrame, simulated_scores: np.ndarray, path
         if mask.any():
             ax.plot(scores[mask], np.zeros(mask.sum()), "|", ms=18, mew=1.5, color=colour, label=label,
                     transform=ax.get_xaxis_transform())
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
-
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -222,36 +221,35 @@ def calibrate_intervals(fit, reference: pd.DataFrame, gene_lengths: pd.Series, c
 
 
 def bulk_halfwidth(ckpt: dict, model, bulk_tpm: pd.DataFrame, gene_lengths: pd.Series, halfwidth: pd.Series,
-                   n_threads: int, source: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+                   n_threads: int, source: str) -> tuple[pd.DataFrame, pd.DataFrame | None, np.ndarray | None]:
     """(per-sample half-widths: the calibration's, widened for a bulk TAPE reconstructs worse than the
     simulated bulks (another platform; intervals.departure_halfwidth); per sample, how far the bulk departs
-    from the simulated bulks (departure.csv), or None without calibration bulks), logged."""
+    from the simulated bulks (departure.csv); the simulated bulks' own departure scores), logged. Without
+    calibration bulks: (the calibration's half-widths, None, None)."""
     calibration = tape.checkpoint_calibration(ckpt)
     index = bulk_tpm.index
     if calibration is None:
         log.info("%s has no calibration bulks (trained before they were kept): intervals from the simulated "
                  "bulks' errors alone, which a bulk from another platform exceeds; retrain to widen them", source)
-        return pd.DataFrame([halfwidth.to_numpy()] * len(index), index=index, columns=halfwidth.index), None
+        return pd.DataFrame([halfwidth.to_numpy()] * len(index), index=index, columns=halfwidth.index), None, None
     models = model if model is not None else tape.models_from_checkpoint(ckpt)
     x = tape.model_inputs(ckpt, bulk_tpm, gene_lengths)
     widths, info = tape.departure_halfwidth(tape.reconstruction(models, n_threads), calibration[0],
                                             calibration[1], x, halfwidth, index=index)
     log.info("TAPE's reconstruction residual (rms over genes, in its input scale): median %.4f over the bulk's "
-             "samples, %.4f on the simulated bulks; %d of %d samples exceed it or depart in a few genes (below), their "
-             "intervals widened "
-             "(mean half-width %.3f, simulated bulks' %.3f)", float(np.median(info["rms"])), info["rms_simulated"],
+             "samples, %.4f on the simulated bulks; %d of %d samples exceed it or depart in a few genes (below), "
+             "their intervals widened (mean half-width %.3f, simulated bulks' %.3f)", float(np.median(info["rms"])), info["rms_simulated"],
              int((info["excess"] > 0).sum()), len(index), float(widths.to_numpy().mean()), float(halfwidth.mean()))
     departure = pd.DataFrame({"residual_rms": info["rms"], "score": info["score"], "p_value": info["p_value"],
                               "departs": info["score"] > info["score_simulated_max"]}, index=index)
     departure.index.name = "sample"
-    departure.attrs["scores_simulated"] = info["scores_simulated"]  # for the figure
     log.info("departure in the genes that depart most (mean squared residual over the top %.0f %% of genes, in "
              "units of the simulated bulks' residual): median %.1f, the simulated bulks' highest %.1f; %d of %d "
              "samples depart beyond every simulated bulk (a state the reference lacks, or another platform: "
              "stage 5 re-reads their composition with CONDITION_COMPOSITION=auto)",
              100 * tape.DEPARTURE_TAIL, float(np.median(info["score"])), info["score_simulated_max"],
              int(departure["departs"].sum()), len(index))
-    return widths, departure
+    return widths, departure, info["scores_simulated"]
 
 
 def main(argv=None) -> pd.DataFrame:
@@ -333,15 +331,15 @@ def main(argv=None) -> pd.DataFrame:
     pred = order_like(pred, type_names, str(paths.tape_checkpoint))
     pred.index.name = "sample"
     halfwidth = tape.checkpoint_halfwidth(ckpt)
-    bounds = departure = None
+    bounds = departure = simulated_scores = None
     if halfwidth is None:
         log.warning("%s has no interval calibration (trained before it existed): no intervals written; "
                     "retrain with --RETRAIN=true to get them", paths.tape_checkpoint)
     elif cfg.ADAPTIVE:  # the adaptive stage refits the model per bulk: the departure check does not apply
         bounds = tape.intervals(pred, halfwidth)
     else:
-        widths, departure = bulk_halfwidth(ckpt, model, bulk_tpm, gene_lengths, halfwidth, n_threads,
-                                           str(paths.tape_checkpoint))
+        widths, departure, simulated_scores = bulk_halfwidth(ckpt, model, bulk_tpm, gene_lengths, halfwidth,
+                                                             n_threads, str(paths.tape_checkpoint))
         bounds = tape.intervals(pred, pd.Series(1.0, index=pred.columns), widths[pred.columns])
     if content is not None:
         weights = tape.content_weights(tape.checkpoint_library(ckpt), content, type_names)
@@ -358,7 +356,7 @@ def main(argv=None) -> pd.DataFrame:
         log.info("wrote %s and %s (90 %% intervals)", paths.proportions_lower, paths.proportions_upper)
     if departure is not None:
         io.write_table(departure.loc[pred.index], paths.departure)
-        departure_figure(departure, departure.attrs["scores_simulated"], paths.departure_figure)
+        departure_figure(departure, simulated_scores, paths.departure_figure)
         log.info("wrote %s and %s", paths.departure, paths.departure_figure)
     else:  # a departure table of an earlier run describes other bulks
         paths.departure.unlink(missing_ok=True)
