@@ -259,7 +259,9 @@ def departing(paths) -> str:
     """How many bulks _4_ found departing beyond every simulated bulk (stage 5 re-reads their composition)."""
     if not paths.departure.exists():
         return "no departure.csv (a _4_ run from before it existed: stage 5 keeps every composition)"
-    departure = pd.read_csv(paths.departure, index_col=0)
+    from models.deconvolution import read_departure
+
+    departure = read_departure(paths.departure, "--stage4 without --reuse-stage4")
     return (f"{int(departure['departs'].sum())} of {len(departure)} bulks depart beyond every simulated bulk "
             f"(score median {departure['score'].median():.1f})")
 
