@@ -24,7 +24,10 @@ Also: the shared per-gene ratio (real stim / real control pseudo-bulk applied to
 the floor of the LFC metric; the relative mode with the control test cells' pseudo-bulk as
 BULK_BASELINE; the same under a simulated platform (every gene x a fixed log-normal factor, in
 both sample and baseline); the reference's own test-cell bulk (AUROC change); and the fit's time
-at lung scale (16,000 genes, 17 types, a randomly initialised model).
+at lung scale (16,000 genes, 17 types, a randomly initialised model). ``--part=ceiling``: cells
+drawn through each type's true change, matched in mean count (what a bulk gives) or in mean
+log-normalised expression, scored against held-out stimulated cells: how far any fit of a bulk
+can take the AUROC.
 
 By default the true cell counts of each bulk go to stage 5 (as deconvolution/proportions.csv);
 ``--stage4`` runs _2_ and _4_ (TAPE, minutes) on the bulks instead, once for the record
@@ -33,6 +36,7 @@ By default the true cell counts of each bulk go to stage 5 (as deconvolution/pro
 Run (heavy: take the shared lock):
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_condition.py
     flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_condition.py --part=timing
+    flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_condition.py --part=ceiling
 Prints tables; asserts nothing.
 """
 from __future__ import annotations
@@ -408,6 +412,114 @@ def own_bulk(root: Path, work: Path, test, cell_types, extra_args: tuple[str, ..
           f"{fit.get('genes_beyond_noise', 'n/a')} of {fit['n_shared_genes']} genes beyond their sampling noise")
 
 
+def type_mean_rows(matrix, codes: np.ndarray, n_types: int) -> np.ndarray:
+    """[K, G] each type's mean of ``matrix`` rows (cells of type k: codes == k)."""
+    return np.vstack([np.asarray(matrix[codes == k].mean(axis=0)).ravel() for k in range(n_types)])
+
+
+RULES = {  # how a type's log mean shift s moves the ZINB: (log theta += a s, dropout logit -= b s)
+    "stage 5's rule (burst frequency: theta and the dropout odds move with the mean)": (1.0, 1.0),
+    "the mean alone": (0.0, 0.0),
+    "theta alone moves with the mean": (1.0, 0.0),
+    "both at half the rate": (0.5, 0.5),
+    "both at 1.5x the rate": (1.5, 1.5),
+    "both at 2x the rate": (2.0, 2.0),
+}
+
+
+def ceiling(work: Path, retrain: bool, n_cells: int, draws_per_type: int = 1500, seed: int = 0) -> None:
+    """How close the generator gets to the stimulated cells given each type's TRUE change.
+
+    The stimulated cells are halved at random: half A gives the targets, half B is what the cells
+    are scored against (real-vs-real = A against B). Each type's per-gene log shift is found by
+    fixed-point iteration on ``draws_per_type`` generated cells per type, to match half A's
+    - per-type mean count (what a bulk sums, and all stage 5 can fit), under stage 5's rule and
+      under other rules of how the distribution moves with the mean (``RULES``);
+    - per-type mean log-normalised expression (what the classifier reads; no bulk gives it).
+    Then ``n_cells`` cells at half B's composition are scored as the fidelity part scores a sample.
+    """
+    import scipy.sparse as sp
+    import torch
+
+    from models import evaluation, generate
+    from models.train import load_gmvae
+
+    root, _, _ = reference(work, retrain)
+    model, meta = load_gmvae(root / "checkpoints" / "gmvae.pt")
+    genes, cell_types = [str(g) for g in meta["genes"]], [str(t) for t in meta["cell_types"]]
+    counts, all_genes, obs = read_kang()
+    index = {g: i for i, g in enumerate(all_genes)}
+    stim = np.flatnonzero(obs["condition"].to_numpy() == "stim")
+    matrix = counts[stim][:, [index[g] for g in genes]].tocsr()
+    codes = pd.Categorical(obs["cell_type"].to_numpy()[stim], categories=cell_types).codes
+    half_a, half_b = evaluation.halves(len(stim), seed)
+    n_types = len(cell_types)
+    target_counts = type_mean_rows(matrix[half_a], codes[half_a], n_types)
+    target_logs = type_mean_rows(evaluation.log_normalize(matrix[half_a]), codes[half_a], n_types)
+    real_b = evaluation.log_normalize(matrix[half_b])
+    hvg = evaluation.top_variable_genes(real_b, 2000)
+    generated_n = generate.largest_remainder(np.bincount(codes[half_b], minlength=n_types) / len(half_b), n_cells)
+
+    def draw(shift, rule, per_type, stream):
+        generator = torch.Generator().manual_seed(seed + stream)
+        cell_codes = torch.as_tensor(np.repeat(np.arange(n_types), per_type))
+        with torch.no_grad():
+            if shift is None or rule == (1.0, 1.0):  # stage 5's own sampler
+                sampler = generate.gmvae_sampler(model, prior="posterior", calibrate=True,
+                                                 log_mean_shift=None if shift is None else torch.as_tensor(shift))
+                cells = sampler(cell_codes, generator)
+            else:
+                shift_t = torch.as_tensor(shift)
+                log_mu, log_theta, logits = model.generative_params(cell_codes, generator, 1.0, "posterior", True,
+                                                                    log_mean_shift=shift_t, frequency=False)
+                moved = shift_t[cell_codes]
+                cells = generate.sample_zinb_inversion(log_mu, log_theta + rule[0] * moved,
+                                                       None if logits is None else logits - rule[1] * moved, generator)
+        return sp.csr_matrix(cells), cell_codes.numpy()
+
+    def fitted(rule, logs, iterations=4):
+        shift = np.zeros((n_types, len(genes)), np.float32)
+        for it in range(iterations * (2 if logs else 1)):
+            cells, cell_codes = draw(shift, rule, np.full(n_types, draws_per_type), 100 + it)
+            if logs and it >= iterations:  # the log means move about as the log shift does: damped steps
+                step = np.clip(target_logs - type_mean_rows(evaluation.log_normalize(cells), cell_codes, n_types),
+                               -1.0, 1.0) * 1.5
+            else:
+                step = np.log((target_counts + 0.01) / (type_mean_rows(cells, cell_codes, n_types) + 0.01))
+            shift = (shift + step).astype(np.float32)
+        return shift
+
+    def score(name, shift, rule=(1.0, 1.0)):
+        cells, cell_codes = draw(shift, rule, generated_n, 7)
+        normed = evaluation.log_normalize(cells)
+        auroc = evaluation.classifier_auroc(real_b[:, hvg], normed[:, hvg], seed=seed)
+        means, real_means = type_mean_rows(normed, cell_codes, n_types), type_mean_rows(real_b, codes[half_b], n_types)
+        variance = (type_mean_rows(normed.power(2), cell_codes, n_types) - means ** 2
+                    + type_mean_rows(real_b.power(2), codes[half_b], n_types) - real_means ** 2)
+        smd = (means - real_means) / (np.sqrt(variance.clip(0.0) / 2.0) + 1e-3)  # in pooled sds
+        # the classifier's evidence grows with a type's cells: rank by |smd| x sqrt(share)
+        weight = np.sqrt(np.bincount(codes[half_b], minlength=n_types) / len(half_b))[:, None]
+        worst = np.dstack(np.unravel_index(np.argsort(-np.abs(smd[:, hvg]) * weight, axis=None)[:6],
+                                           smd[:, hvg].shape))[0]
+        off = ", ".join(f"{genes[hvg[g]]} in {cell_types[k]} {smd[k, hvg[g]]:+.2f}" for k, g in worst)
+        print(f"| {name} | {auroc:.3f} | {np.abs(smd[:, hvg]).mean():.3f} | {off} |", flush=True)
+
+    print(f"\n## what the generator can reach given each type's true change (stimulated cells halved: "
+          f"targets from {len(half_a)}, scored against {len(half_b)}; {n_cells} cells at their composition)")
+    real_a = evaluation.log_normalize(matrix[half_a])
+    print(f"real vs real (half A against half B): AUROC "
+          f"{evaluation.classifier_auroc(real_b[:, hvg], real_a[:, hvg], seed=seed):.3f}")
+    print("| generator | AUROC | mean abs standardised mean difference per type (2,000 genes) | "
+          "most off (ranked by abs smd x sqrt(type share)) |\n|---|---:|---:|---|")
+    start = time.perf_counter()
+    score("unconditioned", None)
+    for name, rule in RULES.items():
+        score(f"true per-type mean counts, {name}", fitted(rule, False), rule)
+    score("true per-type mean log-normalised expression, stage 5's rule (no bulk gives it)",
+          fitted((1.0, 1.0), True))
+    print(f"[{time.perf_counter() - start:.0f} s]")
+
+
 def timing(n_samples: int) -> None:
     """The fit alone at lung scale: a randomly initialised GMVAE (16,000 genes, 17 types), random bulks."""
     import torch
@@ -442,8 +554,9 @@ def timing(n_samples: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["fidelity", "own", "timing", "all"], default="all",
-                        help="own: only the reference's own test-cell bulk (AUROC change)")
+    parser.add_argument("--part", choices=["fidelity", "own", "ceiling", "timing", "all"], default="all",
+                        help="own: only the reference's own test-cell bulk (AUROC change); ceiling: cells drawn "
+                             "through each type's true change (not in all)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated conditioned runs of the fidelity part, of {','.join(VARIANTS)}")
     parser.add_argument("--stage4", action="store_true",
@@ -474,6 +587,10 @@ def main() -> None:
     if args.part == "own":
         root, test, cell_types = reference(work, args.retrain)
         own_bulk(root, work, test, cell_types, extra_args)
+    if args.part == "ceiling":
+        if not (SHARED / "kang_ifnb").is_dir():
+            sys.exit(f"{SHARED / 'kang_ifnb'} is absent")
+        ceiling(work, args.retrain, args.cells)
     if args.part in ("timing", "all"):
         timing(args.timing_samples)
 
