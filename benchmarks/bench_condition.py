@@ -228,7 +228,8 @@ def score_run(folder: Path, unconditioned: Path, groups, counts, obs, control_me
 VARIANTS = ("auto", "shared", "relative", "platform_relative", "platform_absolute")
 
 
-def stage4(root: Path, work: Path, bulk: Path, truth: pd.DataFrame, reuse: bool = False) -> None:
+def stage4(root: Path, work: Path, bulk: Path, truth: pd.DataFrame, reuse: bool = False,
+           extra: tuple[str, ...] = ()) -> None:
     """_2_ and _4_ (TAPE, at their defaults) on ``bulk``: stage 5 then reads stage 4's proportions and bulk.json.
 
     ``reuse``: keep the proportions of an earlier run when bulk.json names this bulk and they cover its samples.
@@ -251,7 +252,7 @@ def stage4(root: Path, work: Path, bulk: Path, truth: pd.DataFrame, reuse: bool 
         shutil.copyfileobj(source, target)
     wall2 = run([sys.executable, str(REPO / "_2_prepare_sctape.py"), f"--DATA_DIR={root}"], work / "stage2.log")
     wall4 = run([sys.executable, str(REPO / "_4_deconvolve_bulk.py"), f"--DATA_DIR={root}", f"--FIG_DIR={work / 'fig'}",
-                 f"--BULK={bulk}", "--BULK_UNIT=counts", "--TORCH_THREADS=2"], work / "stage4.log")
+                 f"--BULK={bulk}", "--BULK_UNIT=counts", "--TORCH_THREADS=2", *extra], work / "stage4.log")
     predicted = pd.read_csv(paths.proportions, index_col=0)
     metrics = proportion_metrics(predicted.loc[truth.index, truth.columns], truth)
     print(f"_2_ {wall2:.0f} s, _4_ (TAPE) {wall4:.0f} s on the {len(truth)} bulks; stage 4's proportions vs the "
@@ -272,7 +273,7 @@ def departing(paths) -> str:
 
 def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, variants=VARIANTS,
              extra_args: tuple[str, ...] = (), own: bool = True, with_stage4: bool = False,
-             reuse_stage4: bool = False) -> None:
+             reuse_stage4: bool = False, stage4_args: tuple[str, ...] = ()) -> None:
     from models import evaluation, io
     from models.paths import Paths
 
@@ -301,7 +302,7 @@ def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, vari
     shares = type_shares(obs, groups, cell_types)
     shares.index.name = "sample"
     if with_stage4:
-        stage4(root, work, bulks / "stim.csv", shares, reuse_stage4)
+        stage4(root, work, bulks / "stim.csv", shares, reuse_stage4, stage4_args)
     else:
         shutil.rmtree(paths.deconvolution_dir, ignore_errors=True)
         paths.deconvolution_dir.mkdir(parents=True, exist_ok=True)
@@ -563,6 +564,8 @@ def main() -> None:
                         help="stage 5 gets _4_'s proportions of the bulks (TAPE, minutes), not the true ones")
     parser.add_argument("--reuse-stage4", action="store_true",
                         help="with --stage4: keep an earlier run's proportions of the same bulks (in --work)")
+    parser.add_argument("--stage4-args", default="",
+                        help="space-separated settings given to the _4_ run of --stage4, e.g. '--SEED=1'")
     parser.add_argument("--stage5-args", default="",
                         help="space-separated settings given to every _5_ run, e.g. '--CONDITION_NOISE=0'")
     parser.add_argument("--work", default="/tmp/bulk2sc_bench_condition")
@@ -583,7 +586,8 @@ def main() -> None:
         if not (SHARED / "kang_ifnb").is_dir():
             sys.exit(f"{SHARED / 'kang_ifnb'} is absent")
         fidelity(work, args.retrain, args.cohort, args.cells, args.variants.split(","), extra_args,
-                 with_stage4=args.stage4, reuse_stage4=args.reuse_stage4)
+                 with_stage4=args.stage4, reuse_stage4=args.reuse_stage4,
+                 stage4_args=tuple(args.stage4_args.split()))
     if args.part == "own":
         root, test, cell_types = reference(work, args.retrain)
         own_bulk(root, work, test, cell_types, extra_args)
