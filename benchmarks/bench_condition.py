@@ -168,7 +168,8 @@ def score_sample(real, real_types, control_means, generated, generated_types, un
     per_type = evaluation.per_type_mean_r(real_normed, real_types, generated_normed, generated_types)
     real_means = type_means(real_normed, real_types, cell_types)
     generated_means = type_means(generated_normed, generated_types, cell_types)
-    counted = [t for t in cell_types if (real_types == t).sum() >= MIN_TYPE_CELLS and t in generated_means]
+    counted = [t for t in cell_types if (real_types == t).sum() >= MIN_TYPE_CELLS and t in generated_means
+               and t in unconditioned_means]  # a type the unconditioned shares left out has no LFC
     real_lfc = {t: real_means[t] - control_means[t] for t in counted}
     generated_lfc = {t: generated_means[t] - unconditioned_means[t] for t in counted}
     weights = np.array([(real_types == t).sum() for t in counted], dtype=np.float64)
