@@ -574,6 +574,8 @@ def main() -> None:
     parser.add_argument("--cohort", type=int, default=20, help="Dirichlet pseudo-bulks")
     parser.add_argument("--cells", type=int, default=1000, help="cells per cohort bulk and generated per sample")
     parser.add_argument("--timing-samples", type=int, default=20)
+    parser.add_argument("--ceiling-seed", type=int, default=0,
+                        help="--part=ceiling: the random halving of the stimulated cells and the draws")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -595,7 +597,7 @@ def main() -> None:
     if args.part == "ceiling":
         if not (SHARED / "kang_ifnb").is_dir():
             sys.exit(f"{SHARED / 'kang_ifnb'} is absent")
-        ceiling(work, args.retrain, args.cells)
+        ceiling(work, args.retrain, args.cells, seed=args.ceiling_seed)
     if args.part in ("timing", "all"):
         timing(args.timing_samples)
 
