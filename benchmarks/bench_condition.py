@@ -414,11 +414,6 @@ def own_bulk(root: Path, work: Path, test, cell_types, extra_args: tuple[str, ..
           f"{fit.get('genes_beyond_noise', 'n/a')} of {fit['n_shared_genes']} genes beyond their sampling noise")
 
 
-def type_mean_rows(matrix, codes: np.ndarray, n_types: int) -> np.ndarray:
-    """[K, G] each type's mean of ``matrix`` rows (cells of type k: codes == k)."""
-    return np.vstack([np.asarray(matrix[codes == k].mean(axis=0)).ravel() for k in range(n_types)])
-
-
 RULES = {  # how a type's log mean shift s moves the ZINB: (log theta += a s, dropout logit -= b s)
     "stage 5's rule (burst frequency: theta and the dropout odds move with the mean)": (1.0, 1.0),
     "the mean alone": (0.0, 0.0),
@@ -456,8 +451,13 @@ def ceiling(work: Path, retrain: bool, n_cells: int, draws_per_type: int = 1500,
     codes = pd.Categorical(obs["cell_type"].to_numpy()[stim], categories=cell_types).codes
     half_a, half_b = evaluation.halves(len(stim), seed)
     n_types = len(cell_types)
-    target_counts = type_mean_rows(matrix[half_a], codes[half_a], n_types)
-    target_logs = type_mean_rows(evaluation.log_normalize(matrix[half_a]), codes[half_a], n_types)
+
+    def type_mean_rows(rows, row_codes) -> np.ndarray:  # [K, G]: type_means, in the model's type order
+        means = type_means(rows, np.asarray(cell_types)[row_codes], cell_types)
+        return np.vstack([means[t] for t in cell_types])
+
+    target_counts = type_mean_rows(matrix[half_a], codes[half_a])
+    target_logs = type_mean_rows(evaluation.log_normalize(matrix[half_a]), codes[half_a])
     real_b = evaluation.log_normalize(matrix[half_b])
     hvg = evaluation.top_variable_genes(real_b, 2000)
     generated_n = generate.largest_remainder(np.bincount(codes[half_b], minlength=n_types) / len(half_b), n_cells)
@@ -484,10 +484,10 @@ def ceiling(work: Path, retrain: bool, n_cells: int, draws_per_type: int = 1500,
         for it in range(iterations * (2 if logs else 1)):
             cells, cell_codes = draw(shift, rule, np.full(n_types, draws_per_type), 100 + it)
             if logs and it >= iterations:  # the log means move about as the log shift does: damped steps
-                step = np.clip(target_logs - type_mean_rows(evaluation.log_normalize(cells), cell_codes, n_types),
+                step = np.clip(target_logs - type_mean_rows(evaluation.log_normalize(cells), cell_codes),
                                -1.0, 1.0) * 1.5
             else:
-                step = np.log((target_counts + 0.01) / (type_mean_rows(cells, cell_codes, n_types) + 0.01))
+                step = np.log((target_counts + 0.01) / (type_mean_rows(cells, cell_codes) + 0.01))
             shift = (shift + step).astype(np.float32)
         return shift
 
@@ -495,9 +495,9 @@ def ceiling(work: Path, retrain: bool, n_cells: int, draws_per_type: int = 1500,
         cells, cell_codes = draw(shift, rule, generated_n, 7)
         normed = evaluation.log_normalize(cells)
         auroc = evaluation.classifier_auroc(real_b[:, hvg], normed[:, hvg], seed=seed)
-        means, real_means = type_mean_rows(normed, cell_codes, n_types), type_mean_rows(real_b, codes[half_b], n_types)
-        variance = (type_mean_rows(normed.power(2), cell_codes, n_types) - means ** 2
-                    + type_mean_rows(real_b.power(2), codes[half_b], n_types) - real_means ** 2)
+        means, real_means = type_mean_rows(normed, cell_codes), type_mean_rows(real_b, codes[half_b])
+        variance = (type_mean_rows(normed.power(2), cell_codes) - means ** 2
+                    + type_mean_rows(real_b.power(2), codes[half_b]) - real_means ** 2)
         smd = (means - real_means) / (np.sqrt(variance.clip(0.0) / 2.0) + 1e-3)  # in pooled sds
         # the classifier's evidence grows with a type's cells: rank by |smd| x sqrt(share)
         weight = np.sqrt(np.bincount(codes[half_b], minlength=n_types) / len(half_b))[:, None]
