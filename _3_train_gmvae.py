@@ -60,7 +60,6 @@ from models.utils import (
     peak_rss_mb,
     run_stage,
     set_seed,
-    set_torch_threads,
     setup_logging,
 )
 
@@ -232,9 +231,7 @@ def main(argv=None):
 def train_model(cfg, ctx) -> None:
     paths = Paths(cfg.DATA_DIR, cfg.FIG_DIR)
     set_seed(cfg.SEED)
-    threads = set_torch_threads(cfg.TORCH_THREADS)
-    if cfg.TORCH_THREADS <= 0 and ctx.local_world_size > 1:  # ranks on one machine share its cores
-        set_torch_threads(max(1, threads // ctx.local_world_size))
+    distributed.set_rank_threads(cfg.TORCH_THREADS, ctx)
     if cfg.BOUND_HEAP:
         bound_heap_fragmentation()
     device = ctx.device

@@ -74,7 +74,7 @@ from models.metrics import proportion_metrics
 from models.paths import CLUSTERS, Paths, resolve
 from models.train import load_gmvae
 from models.utils import (InputError, peak_rss_mb, run_stage, set_seed,
-                          set_torch_threads, setup_logging)
+                          setup_logging)
 
 log = logging.getLogger("bulk2sc.generate")
 
@@ -403,9 +403,7 @@ def main(argv=None) -> dict:
 def generate_all(cfg, ctx) -> dict:
     paths = Paths(cfg.DATA_DIR, cfg.FIG_DIR)
     set_seed(cfg.SEED)
-    threads = set_torch_threads(cfg.TORCH_THREADS)
-    if cfg.TORCH_THREADS <= 0 and ctx.local_world_size > 1:  # ranks on one machine share its cores
-        set_torch_threads(max(1, threads // ctx.local_world_size))
+    distributed.set_rank_threads(cfg.TORCH_THREADS, ctx)
     if cfg.CHUNK_CELLS <= 0:
         raise InputError(f"CHUNK_CELLS must be positive, got {cfg.CHUNK_CELLS}")
     composition_choice(cfg.CONDITION_COMPOSITION)  # a bad value fails before any work

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.utils import get_device
+from models.utils import get_device, set_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,14 @@ def shard_order(rows: np.ndarray, seed: int, epoch: int, rank: int = 0, world_si
     order = np.asarray(rows)[np.random.default_rng([int(seed), int(epoch)]).permutation(len(rows))]
     per_rank = len(order) // world_size
     return order[rank:per_rank * world_size:world_size]
+
+
+def set_rank_threads(setting: int, ctx: Context) -> int:
+    """Torch threads for this rank: ``setting``, or with 0 the machine's cores shared by its ranks."""
+    threads = set_torch_threads(setting)
+    if setting <= 0 and ctx.local_world_size > 1:  # ranks on one machine share its cores
+        threads = set_torch_threads(max(1, threads // ctx.local_world_size))
+    return threads
 
 
 def rank_seed(seed: int, *key: int) -> int:
