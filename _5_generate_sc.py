@@ -9,7 +9,7 @@ draws z ~ p(z | type) (sd scaled by ``NOISE_SCALE``) and counts from the GMVAE d
 (ZI)NB, in seeded RNG blocks, so the same ``SEED`` gives identical files for any
 ``CHUNK_CELLS``. Chunks are written as they are drawn: a million cells run in bounded memory.
 
-Conditioning (``CONDITION``, models/condition.py): with a bulk (the one stage 4 deconvolved, or
+Conditioning (``CONDITION``, models/condition/): with a bulk (the one stage 4 deconvolved, or
 ``BULK``), each sample's cell types get per-gene log factors, fitted through the frozen decoder
 so that the expected pseudo-bulk of its cells matches the bulk ("absolute", same platform) or
 its log-ratio to a baseline ("relative", another platform: ``BULK_BASELINE`` or the samples'

@@ -275,7 +275,7 @@ def departing(paths) -> str:
 def fidelity(work: Path, retrain: bool, n_cohort: int, cells_per_bulk: int, variants=VARIANTS,
              extra_args: tuple[str, ...] = (), own: bool = True, with_stage4: bool = False,
              reuse_stage4: bool = False, stage4_args: tuple[str, ...] = ()) -> None:
-    from models import evaluation, io
+    from models import evaluation
     from models.paths import Paths
 
     root, test, cell_types = reference(work, retrain)

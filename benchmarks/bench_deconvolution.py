@@ -36,7 +36,6 @@ Prints figures only; asserts nothing about time.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io as _io
 import logging
 import os
@@ -59,7 +58,7 @@ from models import deconvolution as tape  # noqa: E402
 from models import io  # noqa: E402
 from models.bulk import counts_to_cpm, counts_to_expression, sample_pseudobulks  # noqa: E402
 from models.config import load_config  # noqa: E402
-from models.metrics import lin_ccc, pearson_r, proportion_metrics  # noqa: E402
+from models.metrics import pearson_r, proportion_metrics  # noqa: E402
 from models.split import stratified_split  # noqa: E402
 from models.utils import bound_heap_fragmentation, peak_rss_mb, set_seed, set_torch_threads, setup_logging  # noqa: E402
 

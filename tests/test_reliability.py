@@ -448,15 +448,15 @@ def test_permission_error_is_one_line(pipeline, tmp_path):
     root = copy_of(pipeline, tmp_path)
     shutil.rmtree(root / "generated")
     before = checksums(root)
-    refuse = (f"import errno, pathlib, runpy, sys\n"
-              f"real = pathlib.Path.mkdir\n"
-              f"def mkdir(self, *a, **k):\n"
-              f"    if 'generated' in str(self):\n"
-              f"        raise PermissionError(errno.EACCES, 'Permission denied', str(self))\n"
-              f"    return real(self, *a, **k)\n"
-              f"pathlib.Path.mkdir = mkdir\n"
-              f"sys.argv = sys.argv[1:]\n"
-              f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    refuse = ("import errno, pathlib, runpy, sys\n"
+              "real = pathlib.Path.mkdir\n"
+              "def mkdir(self, *a, **k):\n"
+              "    if 'generated' in str(self):\n"
+              "        raise PermissionError(errno.EACCES, 'Permission denied', str(self))\n"
+              "    return real(self, *a, **k)\n"
+              "pathlib.Path.mkdir = mkdir\n"
+              "sys.argv = sys.argv[1:]\n"
+              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     command = stage_command("_5_generate_sc.py", root, ["--CONDITION=none"])
     done = subprocess.run([command[0], "-c", refuse, *command[1:]], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
