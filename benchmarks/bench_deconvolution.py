@@ -31,6 +31,9 @@ Run (heavy: take the shared lock so timings do not overlap other helpers' runs):
         --AUGMENT=false --VARIANTS='markers:50*1,markers:100*1,markers:200*4,all*4@32' --FIG_DIR=
     for s in 0 1 2; do flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real \
         --METHODS=today,tape,tape/epic --AUGMENT=true --SEED=$s; done   # CELL_CONTENT (EPIC) and augmentation, 3 seeds
+    for s in 0 1 2; do flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real \
+        --METHODS=tape,tape/epic --AUGMENT=true --SEED=$s --FIG_DIR= \
+        --REAL_REFERENCES=pbmc3k_labelled+kang_ifnb:ctrl; done   # a pooled reference: pbmc3k + Kang's control cells
 Prints figures only; asserts nothing about time.
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ import io as _io
 import logging
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -87,7 +91,8 @@ LUNG_CELLS = 7600  # lung scale (GSE130148 after QC: ~7,600 train cells, 17 clus
 LUNG_GENES = 16000
 LUNG_TYPES = 17
 LUNG_VARIANT = ""  # lung: time this VARIANTS fit instead of stage 4's defaults (e.g. "markers:200*4")
-REAL_REFERENCES = "pbmc_zheng7,pbmc3k_labelled"  # real: the shared references to train on
+REAL_REFERENCES = "pbmc_zheng7,pbmc3k_labelled"  # real: the shared references to train on ("kang_ifnb:ctrl": Kang's
+#   6,272 control cells from 8 donors, pbmc3k's labels; cultured 6 h, 10x v1; "a+b" pools references)
 METHODS = "today,tape,tape/epic,tape/content,nnls,tape+nnls"  # real: today = stage 4 before this issue; tape = the same fit
 #   with stage 4's intervals; tape/content = TAPE read as RNA fractions, divided by each type's mean library size;
 #   nnls = NNLS on cell-scaled mean profiles; tape+nnls = the mean of TAPE and that NNLS; tape/epic = stage 4's
@@ -172,13 +177,27 @@ def scores(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
 
 # ----------------------------------------------------------------------------- data
 def load_zheng(shared: Path, name: str = "pbmc_zheng7"):
-    """A shared reference in the 10x layout (pbmc_zheng7, pbmc3k_labelled) -> (cells x genes CSR, genes, labels)."""
+    """A shared reference in the 10x layout (pbmc_zheng7, pbmc3k_labelled) -> (cells x genes CSR, genes, labels).
+
+    "folder:condition" keeps the cells of that ``condition`` (e.g. "kang_ifnb:ctrl", Kang's control cells);
+    "first+second" pools references on the genes they share (their labels as they are).
+    """
+    if "+" in name:
+        parts = [load_zheng(shared, part) for part in name.split("+")]
+        common = sorted(set.intersection(*(set(genes) for _, genes, _ in parts)))
+        counts = sp.vstack([c[:, pd.Index(g).get_indexer(common)] for c, g, _ in parts]).tocsr()
+        return counts, common, np.concatenate([labels for _, _, labels in parts])
+    name, _, condition = name.partition(":")
     folder = shared / name
     counts = sp.csr_matrix(scipy.io.mmread(str(folder / "matrix.mtx.gz"))).T.tocsr()  # cells x genes
     genes = io.read_gene_names(folder / "genes.tsv")
     barcodes = io.read_lines(folder / "barcodes.tsv")
-    labels = pd.read_csv(folder / "celltypes.csv").set_index("barcode").loc[barcodes, "cell_type"].astype(str)
-    return counts, genes, labels.to_numpy()
+    table = pd.read_csv(folder / "celltypes.csv").set_index("barcode").loc[barcodes]
+    labels = table["cell_type"].astype(str).to_numpy()
+    if condition:
+        keep = np.flatnonzero(table["condition"].astype(str).to_numpy() == condition)
+        counts, labels = counts[keep], labels[keep]
+    return counts, genes, labels
 
 
 def zheng_setup(cfg):
@@ -510,7 +529,8 @@ def real_part_rows(cfg, results, name, prefix, settings, reference, lengths, rea
                     (shown, shown_bounds), t = mapped_with_bounds(point, bnds), truth
                 o = proportion_metrics(shown, t.loc[shown.index]).loc["overall"]
                 suffix = "_epic" if method == "tape/epic" else ""
-                figure = Path(cfg.FIG_DIR) / f"proportions_scatter_{name}_{cohort.split()[0].lower()}{suffix}.png"
+                stem = re.sub(r"[^A-Za-z0-9_]+", "_", name)  # "a+b:c" -> a_b_c
+                figure = Path(cfg.FIG_DIR) / f"proportions_scatter_{stem}_{cohort.split()[0].lower()}{suffix}.png"
                 figure.parent.mkdir(parents=True, exist_ok=True)
                 stage4.scatter_figure(shown, t.loc[shown.index, shown.columns], o["mae"], figure, shown_bounds)
 
