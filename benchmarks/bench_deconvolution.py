@@ -98,6 +98,7 @@ METHODS = "today,tape,tape/epic,tape/content,nnls,tape+nnls"  # real: today = st
 #   nnls = NNLS on cell-scaled mean profiles; tape+nnls = the mean of TAPE and that NNLS; tape/epic = stage 4's
 #   CELL_CONTENT with EPIC's published mRNA per cell (EPIC_CONTENT below), intervals converted alike
 CALIBRATION_SAMPLES = stage4.CALIBRATION_SAMPLES
+MEMBERS = stage4.MEMBERS  # real: TAPE fits averaged in the main fits (stage 4's MEMBERS; VARIANTS set their own)
 AUGMENT = True  # real: also a fit with platform augmentation (stage 4's PLATFORM_SD, LENGTH_SLOPE_SD below)
 AUGMENT_SD = 0.5  # per-(sample, gene) log-normal sd: of the order of the gene-wise log ratios between platforms
 AUGMENT_SLOPE_SD = 0.2  # per-sample gene-length slope sd: Finotello vs Zheng shows ~0.35 before the TPM fix
@@ -225,7 +226,7 @@ def zheng_setup(cfg):
 
 def settings_from(cfg, **override) -> tape.TapeSettings:
     values = dict(samplenum=cfg.SAMPLENUM, n_cells=cfg.N_CELLS, epochs=cfg.EPOCHS, batch_size=cfg.BATCH_SIZE,
-                  adaptive=cfg.ADAPTIVE, seed=cfg.SEED, reference_protocol=cfg.REFERENCE_PROTOCOL)
+                  adaptive=cfg.ADAPTIVE, seed=cfg.SEED, reference_protocol=cfg.REFERENCE_PROTOCOL, members=cfg.MEMBERS)
     values.update(override)
     return tape.TapeSettings(**values)
 
@@ -480,16 +481,16 @@ def real_part_rows(cfg, results, name, prefix, settings, reference, lengths, rea
                             "/tmp/bench_tape", THREADS, simulated=simulated.copy())
     with timed("calibrate", times):
         calib_pred = tape.predict_proportions(tape.checkpoint_dict(fit), calib[0], lengths, adaptive=False,
-                                              model=fit.model, n_threads=THREADS)
+                                              model=fit.members, n_threads=THREADS)
         fit.halfwidth = tape.conformal_halfwidth(calib_pred, calib[1][calib_pred.columns])
     ckpt = tape.checkpoint_dict(fit)
     print(f"| {name}: {reference.shape[0]} cells, {len(fit.genes)} genes; {prefix}fit {times['fit']:.0f} s, "
           f"intervals {times['calibrate']:.0f} s | | | | | | |")
     calib_x = tape.model_inputs(ckpt, calib[0], lengths)
     calib_truth = calib[1][list(fit.cell_types)].reset_index(drop=True)
-    forward = tape.reconstruction(fit.model, THREADS)
+    forward = tape.reconstruction(fit.members, THREADS)
     for cohort, (bulk, truth) in cohorts.items():
-        pred = tape.predict_proportions(ckpt, bulk, lengths, adaptive=False, model=fit.model, n_threads=THREADS)
+        pred = tape.predict_proportions(ckpt, bulk, lengths, adaptive=False, model=fit.members, n_threads=THREADS)
         # stage 4's intervals: the calibration's half-width, widened per sample for a bulk that departs from the
         # simulated bulks (intervals.departure_halfwidth); the plain ones are scored beside them
         widths, info = tape.departure_halfwidth(forward, calib_x, calib_truth, tape.model_inputs(ckpt, bulk, lengths),
