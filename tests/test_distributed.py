@@ -74,6 +74,18 @@ def test_a_finished_torchrun_rank_leaves_without_interpreter_teardown(world_size
     assert ("returned" in done.stdout and "teardown ran" in done.stdout) == (world_size is None)
 
 
+def test_ranks_on_one_machine_share_its_cores_unless_threads_are_set():
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        assert distributed.set_rank_threads(0, distributed.Context()) == cores
+        two = distributed.Context(rank=1, world_size=2, local_rank=1, local_world_size=2)
+        assert distributed.set_rank_threads(0, two) == max(1, cores // 2) == torch.get_num_threads()
+        assert distributed.set_rank_threads(3, two) == 3 == torch.get_num_threads()  # a set number is kept
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_shards_are_disjoint_equal_and_seeded_per_epoch():
     rows = np.arange(103) * 2
     shards = [distributed.shard_order(rows, 7, 1, rank, 3) for rank in range(3)]
