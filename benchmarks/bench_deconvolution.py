@@ -177,14 +177,14 @@ def scores(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
 
 
 # ----------------------------------------------------------------------------- data
-def load_zheng(shared: Path, name: str = "pbmc_zheng7"):
+def load_reference(shared: Path, name: str = "pbmc_zheng7"):
     """A shared reference in the 10x layout (pbmc_zheng7, pbmc3k_labelled) -> (cells x genes CSR, genes, labels).
 
     "folder:condition" keeps the cells of that ``condition`` (e.g. "kang_ifnb:ctrl", Kang's control cells);
     "first+second" pools references on the genes they share (their labels as they are).
     """
     if "+" in name:
-        parts = [load_zheng(shared, part) for part in name.split("+")]
+        parts = [load_reference(shared, part) for part in name.split("+")]
         common = sorted(set.intersection(*(set(genes) for _, genes, _ in parts)))
         counts = sp.vstack([c[:, pd.Index(g).get_indexer(common)] for c, g, _ in parts]).tocsr()
         return counts, common, np.concatenate([labels for _, _, labels in parts])
@@ -203,7 +203,7 @@ def load_zheng(shared: Path, name: str = "pbmc_zheng7"):
 
 def zheng_setup(cfg):
     shared = Path(cfg.SHARED)
-    counts, genes, labels = load_zheng(shared)
+    counts, genes, labels = load_reference(shared)
     lengths = io.read_gene_lengths(shared / "gene_length_hg19.csv.gz")
     train, test = stratified_split(labels, 0.25, seed=cfg.SPLIT_SEED)
     codes, names = io.encode_labels(labels)
@@ -370,7 +370,7 @@ def part_real(cfg, results: dict, cache: dict) -> None:
           + ") | 90 % coverage |")
     print("|---|---|---|---|---|---|---|")
     for name in cfg.REAL_REFERENCES.split(","):
-        counts, genes, labels = load_zheng(shared, name)
+        counts, genes, labels = load_reference(shared, name)
         if name == "pbmc_zheng7":
             train, test = stratified_split(labels, 0.25, seed=cfg.SPLIT_SEED)
         else:

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_deconvolution import load_zheng  # noqa: E402
+from bench_deconvolution import load_reference  # noqa: E402
 
 
 def _folder(root: Path, name: str, genes: list[str], labels: list[str], conditions: list[str] | None,
@@ -37,15 +37,15 @@ def test_one_folder_a_condition_of_it_and_pooled_folders(tmp_path):
     first = _folder(tmp_path, "first", ["A", "B", "C"], ["T", "T", "Mono"], None, 1)
     second = _folder(tmp_path, "second", ["C", "D", "A"], ["T", "NK", "Mono", "T"], ["ctrl", "stim", "ctrl", "stim"], 3)
 
-    counts, genes, labels = load_zheng(tmp_path, "first")
+    counts, genes, labels = load_reference(tmp_path, "first")
     assert genes == ["A", "B", "C"] and list(labels) == ["T", "T", "Mono"]
     np.testing.assert_array_equal(counts.toarray(), first)
 
-    counts, genes, labels = load_zheng(tmp_path, "second:ctrl")
+    counts, genes, labels = load_reference(tmp_path, "second:ctrl")
     assert list(labels) == ["T", "Mono"]
     np.testing.assert_array_equal(counts.toarray(), second[[0, 2]])
 
-    counts, genes, labels = load_zheng(tmp_path, "first+second:ctrl")
+    counts, genes, labels = load_reference(tmp_path, "first+second:ctrl")
     assert genes == ["A", "C"]  # the genes both share
     assert list(labels) == ["T", "T", "Mono", "T", "Mono"]
     expected = np.vstack([first[:, [0, 2]], second[[0, 2]][:, [2, 0]]])
