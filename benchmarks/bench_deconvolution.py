@@ -18,7 +18,8 @@ Parts (``--PART=``, default ``all`` = zheng,finotello,lung):
                under test (METHODS), with MAE, pooled r, per-category r and the coverage of the 90 %
                intervals; plus the Zheng pseudo-bulks (MAE, coverage) from the same fits. VARIANTS adds
                fits with marker-gene selection and/or ensembles (every fit of a reference shares one
-               simulation and one set of calibration bulks).
+               simulation and one set of calibration bulks). EXTERNAL_PYTHON adds Rectangle (rectanglepy,
+               run by another Python: external/rectangle_runner.py) on the same reference and bulks.
     lung       timing at lung scale: synthetic 7,600 cells x 16,000 genes, 17 types, stage 4's
                default settings (or LUNG_VARIANT): simulation, training, interval calibration and
                prediction seconds, their total, peak RSS.
@@ -34,6 +35,8 @@ Run (heavy: take the shared lock so timings do not overlap other helpers' runs):
     for s in 0 1 2; do flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real \
         --METHODS=tape,tape/epic --AUGMENT=true --SEED=$s --FIG_DIR= \
         --REAL_REFERENCES=pbmc3k_labelled+kang_ifnb:ctrl; done   # a pooled reference: pbmc3k + Kang's control cells
+    flock /tmp/bulk2sc_heavy.lock .venv/bin/python benchmarks/bench_deconvolution.py --PART=real --METHODS= \
+        --FIG_DIR= --EXTERNAL_PYTHON=/tmp/rectangle/bin/python   # Rectangle alone (its own venv: external/)
 Prints figures only; asserts nothing about time.
 """
 from __future__ import annotations
@@ -45,7 +48,9 @@ import os
 import platform
 import re
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,6 +114,8 @@ VARIANTS = ""  # real: further TAPE fits, comma-separated "selection*members[@ep
 #   train on bulks simulated from a bootstrap of the reference cells; e.g. "markers:200*4,markers:200*4b,all*4@32"
 MARKER_MIN_DETECTION = 0.1  # real: markers detected in at least this share of the type's cells
 SPREAD_FLOOR = 0.01  # real: intervals from the ensemble's spread scale with (sd over members + this)
+EXTERNAL_PYTHON = ""  # real: a Python whose environment has rectanglepy (its pins keep it out of ours; see
+# benchmarks/external/rectangle_runner.py): Rectangle on the same reference and bulks, scored as "rectangle"; "" = none
 FIG_DIR = str(REPO / "fig" / "readme")  # real: stage 4's scatter (with intervals) per reference x cohort; "" = none
 # -----------------------------------------------------------------------------
 
@@ -388,17 +395,58 @@ def part_real(cfg, results: dict, cache: dict) -> None:
         if cfg.AUGMENT:
             fits.append(("aug ", settings_from(cfg, adaptive=False, platform_sd=cfg.AUGMENT_SD,
                                                length_slope_sd=cfg.AUGMENT_SLOPE_SD)))
-        times = {}
-        with timed("simulate", times):  # every fit of this reference trains on the same simulated bulks
-            simulated = tape.simulate_bulks(reference, fits[0][1], "/tmp/bench_tape", THREADS)
-            calib = tape.calibration_bulks(reference, fits[0][1], cfg.CALIBRATION_SAMPLES, lengths,
-                                           "/tmp/bench_tape", THREADS)
-        print(f"| {name}: simulation of the training and calibration bulks {times['simulate']:.0f} s | | | | | | |")
+        variants = [v for v in cfg.VARIANTS.split(",") if v]
+        if methods or variants:  # METHODS="" VARIANTS="": no TAPE fit (e.g. Rectangle alone)
+            times = {}
+            with timed("simulate", times):  # every fit of this reference trains on the same simulated bulks
+                simulated = tape.simulate_bulks(reference, fits[0][1], "/tmp/bench_tape", THREADS)
+                calib = tape.calibration_bulks(reference, fits[0][1], cfg.CALIBRATION_SAMPLES, lengths,
+                                               "/tmp/bench_tape", THREADS)
+            print(f"| {name}: simulation of the training and calibration bulks {times['simulate']:.0f} s | | | | | | |")
         for prefix, settings in fits if methods else []:  # METHODS="": only the VARIANTS fits
             real_part_rows(cfg, results, name, prefix, settings, reference, lengths, real, cohorts, methods,
                            simulated, calib)
-        for variant in [v for v in cfg.VARIANTS.split(",") if v]:
+        for variant in variants:
             variant_rows(cfg, results, name, variant, reference, lengths, real, cohorts, simulated, calib)
+        if cfg.EXTERNAL_PYTHON:
+            external_rows(cfg, results, name, reference, cohorts)
+
+
+def run_rectangle(python: str, reference: pd.DataFrame, bulks: dict[str, pd.DataFrame], threads: int) -> dict:
+    """Rectangle's defaults on ``reference`` (cells x genes counts, labels as index) for each bulk table
+    (samples x genes, TPM), run by ``python`` (Rectangle's own environment) through
+    ``external/rectangle_runner.py``; returns name -> samples x types (its "Unknown" column included)."""
+    runner = Path(__file__).resolve().parent / "external" / "rectangle_runner.py"
+    with tempfile.TemporaryDirectory(prefix="bench_rectangle_") as tmp:
+        folder = Path(tmp)
+        sp.save_npz(folder / "reference.npz", sp.csr_matrix(reference.to_numpy()))
+        (folder / "reference_genes.txt").write_text("\n".join(map(str, reference.columns)) + "\n")
+        (folder / "reference_labels.txt").write_text("\n".join(map(str, reference.index)) + "\n")
+        files = {name: re.sub(r"[^A-Za-z0-9_]+", "_", name) for name in bulks}
+        for name, table in bulks.items():
+            table.to_csv(folder / f"bulk_{files[name]}.csv")
+        done = subprocess.run([python, str(runner), str(folder), str(threads)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{runner.name} under {python} failed (exit {done.returncode}):\n"
+                               f"{done.stderr[-3000:]}\nSet up its environment as the runner's docstring says, "
+                               "or leave EXTERNAL_PYTHON empty.")
+        return {name: pd.read_csv(folder / f"rectangle_{stem}.csv", index_col=0) for name, stem in files.items()}
+
+
+def external_rows(cfg, results, name, reference, cohorts) -> None:
+    """Rectangle (rectanglepy, its defaults) on the same reference and bulks as TAPE, scored the same way."""
+    times = {}
+    with timed("rectangle", times):
+        estimates = run_rectangle(cfg.EXTERNAL_PYTHON, reference, {c: bulk for c, (bulk, _) in cohorts.items()},
+                                  THREADS)
+    print(f"| {name}: Rectangle (rectanglepy's defaults, under {cfg.EXTERNAL_PYTHON}) {times['rectangle']:.0f} s "
+          "| | | | | | |", flush=True)
+    for cohort, (_, truth) in cohorts.items():
+        point = estimates[cohort]
+        if cohort == "Zheng pseudo-bulks":  # the reference's own types, renormalised without "Unknown"
+            point = point[[c for c in point.columns if c in truth.columns]]
+            point = point.div(point.sum(axis=1), axis=0)
+        score_row(cfg, results, name, cohort, "rectangle", point, None, truth)
 
 
 def parse_variant(cfg, variant: str) -> tape.TapeSettings:
