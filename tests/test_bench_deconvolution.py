@@ -90,6 +90,7 @@ def test_rectangle_runs_in_another_python_and_is_scored_like_tape(tmp_path, monk
                                [0.225, 0.45, 0.225, 0.1])
     seen = pd.read_csv(tmp_path / "seen.csv", index_col=0).iloc[:, 0]
     assert seen["cells"] == "4" and seen["genes"] == "G1,G2,G3" and float(seen["total"]) == 14.0
+    assert seen["bulk_genes"] == "G1,G2,G3"
 
     # scored as TAPE is: "Unknown" dropped and the rest renormalised (pseudo-bulks: over the reference's types)
     truth = {"Zheng pseudo-bulks": pd.DataFrame({"CD14 Mono": [0.25], "CD4 T": [0.5], "NK": [0.25]}, index=["p0"]),
